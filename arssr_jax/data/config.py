@@ -1,0 +1,181 @@
+"""Configuration of the training input pipeline: plain, typed, printable dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Optional, Tuple, Union
+
+from arssr_jax.errors import ArSSRError
+
+ROUNDINGS = ("none", "reference")
+DEGRADE_MODES = ("centred", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Optional augmentations of the HR patch (all off by default).
+
+    Applied to the HR patch before degradation, so the LR input and the HR
+    targets stay consistent; ``noise_std`` is the exception (see below).
+
+    flip:            flip each axis with probability 1/2.
+    permute:         random permutation of the three axes (the per-axis scales
+                     follow their axes; the LR stays ``lr_size`` per axis).
+    gamma:           intensity ``x ** g`` with ``log g ~ U(-gamma, gamma)``.
+    intensity_scale: multiply by ``U(1 - a, 1 + a)``.
+    bias_field:      multiply by ``exp(f)``, ``f`` a random quadratic polynomial of
+                     the patch coordinates scaled so that ``max |f| = bias_field``.
+    noise_std:       add Gaussian noise of standard deviation ``U(0, noise_std)`` to
+                     the LR input only (after degradation): the model learns to
+                     reconstruct clean HR from a noisy LR, not to reproduce noise.
+    """
+
+    flip: bool = False
+    permute: bool = False
+    gamma: float = 0.0
+    intensity_scale: float = 0.0
+    bias_field: float = 0.0
+    noise_std: float = 0.0
+
+    @property
+    def any_hr(self) -> bool:
+        return bool(self.flip or self.permute or self.gamma or self.intensity_scale
+                    or self.bias_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Everything the training input pipeline needs.
+
+    paths:               a directory (all *.nii / *.nii.gz, sorted), a text file
+                         listing one NIfTI path per line, or NIfTI file paths.
+                         Empty when volumes are given in memory.
+    patch_size:          edge of the random HR patch cube, voxels.
+    margin:              keep patches this many voxels from the volume faces when
+                         the volume is large enough (reduced per axis otherwise).
+    lr_size:             LR patch edge, voxels; the HR patch is the first
+                         ``int(lr_size * s)`` voxels of the patch along each axis.
+    scale_min/max:       scale range; ``s ~ U(scale_min, scale_max)``.
+    anisotropic:         one scale per axis instead of one per patch.
+    rounding:            'none' or 'reference' (``s = round(U(min, max + 0.04), 1)``).
+    degrade:             'centred' (voxel-centre consistent cubic resampling) or
+                         'reference' (``scipy.ndimage.zoom(hr, 1/s, order=3)``).
+    antialias:           Gaussian pre-blur (sigma = (m/n - 1)/2 HR voxels) before
+                         'centred' resampling; off like the reference.
+    samples_per_step:    K, HR coordinates drawn per patch (without replacement).
+    batch_size:          global batch (all processes together) per step.
+    seed:                the one seed everything is derived from.
+    worker_count:        worker processes computing batches (0: in this process,
+                         with ``read_threads`` background threads).
+    prefetch:            batches buffered ahead (per worker when worker_count > 0).
+    samples_per_volume:  patches per volume per epoch (the reference used 6).
+    num_steps:           stop after this many steps (None: infinite stream).
+    min_foreground:      reject a candidate HR patch when less than this fraction
+                         of its voxels exceeds ``foreground_threshold``; 0 disables.
+    foreground_threshold: normalised intensity separating foreground from background.
+    max_tries:           candidate patch positions tried; after that the candidate
+                         with the largest foreground fraction is kept.
+    augment:             :class:`AugmentConfig`.
+    """
+
+    paths: Tuple[str, ...] = ()
+    patch_size: int = 40
+    margin: int = 0
+    lr_size: int = 10
+    scale_min: float = 2.0
+    scale_max: float = 4.0
+    anisotropic: bool = False
+    rounding: str = "none"
+    degrade: str = "centred"
+    antialias: bool = False
+    samples_per_step: int = 8000
+    batch_size: int = 15
+    seed: int = 0
+    worker_count: int = 0
+    prefetch: int = 2
+    read_threads: int = 1
+    samples_per_volume: int = 6
+    num_steps: Optional[int] = None
+    min_foreground: float = 0.25
+    foreground_threshold: float = 0.05
+    max_tries: int = 10
+    augment: AugmentConfig = AugmentConfig()
+
+    def __post_init__(self):
+        paths = self.paths
+        if isinstance(paths, (str, os.PathLike)):
+            paths = (paths,)
+        object.__setattr__(self, "paths", tuple(os.fspath(p) for p in paths))
+        if isinstance(self.augment, dict):
+            object.__setattr__(self, "augment", AugmentConfig(**self.augment))
+
+    @classmethod
+    def reference(cls, paths: Union[str, Tuple[str, ...]] = (), **overrides) -> "DataConfig":
+        """The reference's training data setup (REFERENCE.md section 3)."""
+        values = dict(paths=paths, patch_size=40, margin=40, lr_size=10, scale_min=2.0,
+                      scale_max=4.0, rounding="reference", degrade="reference",
+                      samples_per_step=8000, batch_size=15, samples_per_volume=6,
+                      min_foreground=0.0)
+        values.update(overrides)
+        return cls(**values)
+
+    # -- derived quantities -------------------------------------------------
+    def scale_bounds(self) -> Tuple[float, float]:
+        """Smallest and largest scale the sampler can draw."""
+        if self.rounding == "reference":
+            return (min(self.scale_min, round(self.scale_min, 1)),
+                    round(self.scale_max + 0.04, 1))
+        return (float(self.scale_min), float(self.scale_max))
+
+    def hr_size_bounds(self) -> Tuple[int, int]:
+        lo, hi = self.scale_bounds()
+        return int(self.lr_size * lo), int(self.lr_size * hi)
+
+    def samples_per_epoch(self, num_volumes: int) -> int:
+        return self.samples_per_volume * num_volumes
+
+    def steps_per_epoch(self, num_volumes: int) -> int:
+        """Steps per epoch (last, partial batch counted), as a DataLoader without drop_last."""
+        return math.ceil(self.samples_per_epoch(num_volumes) / self.batch_size)
+
+    def validate(self) -> "DataConfig":
+        """Raise :class:`ArSSRError` naming the first bad field; return self."""
+
+        def bad(field, why):
+            raise ArSSRError(f"DataConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for field in ("patch_size", "lr_size", "samples_per_step", "batch_size",
+                      "samples_per_volume", "max_tries"):
+            if int(getattr(self, field)) < 1:
+                bad(field, "must be a positive integer")
+        for field in ("margin", "worker_count", "prefetch", "read_threads"):
+            if int(getattr(self, field)) < 0:
+                bad(field, "must be >= 0")
+        if self.rounding not in ROUNDINGS:
+            bad("rounding", f"use one of {ROUNDINGS}")
+        if self.degrade not in DEGRADE_MODES:
+            bad("degrade", f"use one of {DEGRADE_MODES}")
+        if not (self.scale_min >= 1.0):
+            bad("scale_min", "must be >= 1 (this pipeline only down-samples)")
+        if not (self.scale_max >= self.scale_min):
+            bad("scale_max", f"must be >= scale_min={self.scale_min}")
+        if not 0.0 <= self.min_foreground <= 1.0:
+            bad("min_foreground", "must lie in [0, 1]")
+        if self.num_steps is not None and self.num_steps < 0:
+            bad("num_steps", "must be >= 0 or None")
+        lo, hi = self.hr_size_bounds()
+        if hi > self.patch_size:
+            bad("patch_size", f"must be >= int(lr_size * max scale) = {hi}; raise "
+                "patch_size or lower scale_max/lr_size")
+        if self.samples_per_step > lo ** 3:
+            bad("samples_per_step", f"K must be <= {lo ** 3} HR voxels of the smallest HR "
+                f"patch ({lo}^3 at the smallest scale); lower K or raise scale_min")
+        a = self.augment
+        for field in ("gamma", "intensity_scale", "bias_field", "noise_std"):
+            if getattr(a, field) < 0:
+                raise ArSSRError(f"AugmentConfig.{field}={getattr(a, field)!r}: must be >= 0")
+        if a.intensity_scale >= 1:
+            raise ArSSRError(f"AugmentConfig.intensity_scale={a.intensity_scale!r}: must be < 1")
+        return self

@@ -1,0 +1,171 @@
+"""One training sample from one volume: pure numpy, deterministic given a Generator.
+
+Order of random draws (fixed, so a seed fixes the sample):
+  1. the scale(s);  2. the patch position (possibly several tries);
+  3. augmentations (only those enabled);  4. the K HR coordinates.
+
+Background rule: a candidate HR patch (the first int(lr_size * s) voxels of a
+``patch_size`` cube at a random position) is rejected when less than
+``min_foreground`` of its voxels exceed ``foreground_threshold``; up to
+``max_tries`` positions are tried and, if none passes, the candidate with the
+largest foreground fraction is used. The scale is drawn once, before the
+positions, so rejection does not bias the scale distribution.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from arssr_jax.coords import index_to_normalised, make_grid
+from arssr_jax.data.config import AugmentConfig, DataConfig
+from arssr_jax.data.degrade import degrade
+
+
+def draw_scales(rng: np.random.Generator, config: DataConfig) -> np.ndarray:
+    """Per-axis scales (3,), float64; equal on all axes unless ``anisotropic``."""
+    count = 3 if config.anisotropic else 1
+    if config.rounding == "reference":
+        s = np.round(rng.uniform(config.scale_min, config.scale_max + 0.04, size=count), 1)
+    else:
+        s = rng.uniform(config.scale_min, config.scale_max, size=count)
+    return np.broadcast_to(s, (3,)).astype(np.float64)
+
+
+def hr_shape(lr_size: int, scales) -> tuple:
+    """HR patch shape ``int(lr_size * s)`` per axis (the reference's truncation)."""
+    return tuple(int(lr_size * float(s)) for s in scales)
+
+
+def _start_range(n: int, patch: int, margin: int) -> tuple:
+    margin_eff = min(margin, (n - patch) // 2)
+    return margin_eff, n - margin_eff - patch
+
+
+def foreground_fraction(region: np.ndarray, threshold: float) -> float:
+    return float(np.count_nonzero(region > threshold)) / region.size
+
+
+def choose_patch_start(volume: np.ndarray, region: Sequence[int], rng: np.random.Generator,
+                       config: DataConfig) -> tuple:
+    """Start index of a ``patch_size`` cube whose first ``region`` voxels pass the rule."""
+    ranges = [_start_range(n, config.patch_size, config.margin) for n in volume.shape]
+    tries = config.max_tries if config.min_foreground > 0 else 1
+    best, best_fraction = None, -1.0
+    for _ in range(tries):
+        start = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in ranges)
+        if config.min_foreground <= 0:
+            return start
+        box = tuple(slice(a, a + r) for a, r in zip(start, region))
+        fraction = foreground_fraction(volume[box], config.foreground_threshold)
+        if fraction >= config.min_foreground:
+            return start
+        if fraction > best_fraction:
+            best, best_fraction = start, fraction
+    return best
+
+
+def _bias_field(shape, strength: float, rng: np.random.Generator) -> np.ndarray:
+    axes = [index_to_normalised(np.arange(n, dtype=np.float64), n) for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    terms = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
+    f = sum(c * t for c, t in zip(rng.uniform(-1.0, 1.0, size=len(terms)), terms))
+    f = f - f.mean()
+    peak = np.abs(f).max()
+    if peak > 0:
+        f = f * (strength / peak)
+    return np.exp(f)
+
+
+def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
+    """Apply the enabled HR augmentations (flip, permute, gamma, scale, bias field)."""
+    if aug.flip:
+        flips = rng.random(3) < 0.5
+        hr = hr[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+    if aug.permute:
+        hr = np.transpose(hr, rng.permutation(3))
+    hr = np.ascontiguousarray(hr, dtype=np.float64)
+    if aug.gamma:
+        hr = np.clip(hr, 0.0, None) ** np.exp(rng.uniform(-aug.gamma, aug.gamma))
+    if aug.intensity_scale:
+        hr = hr * rng.uniform(1.0 - aug.intensity_scale, 1.0 + aug.intensity_scale)
+    if aug.bias_field:
+        hr = hr * _bias_field(hr.shape, aug.bias_field, rng)
+    return hr.astype(np.float32)
+
+
+def sample_coords(hr: np.ndarray, k: int, rng: np.random.Generator):
+    """K distinct HR voxels: normalised voxel-centre coordinates (K, 3) and values (K, 1)."""
+    flat = rng.choice(hr.size, size=k, replace=False)
+    index = np.stack(np.unravel_index(flat, hr.shape), axis=-1).astype(np.float64)
+    coords = index_to_normalised(index, np.asarray(hr.shape, np.float64)).astype(np.float32)
+    values = hr.reshape(-1)[flat].reshape(k, 1).astype(np.float32)
+    return coords, values
+
+
+def make_patch(volume: np.ndarray, config: DataConfig, rng: np.random.Generator,
+               scales=None):
+    """(hr, lr, scales): an HR patch and its LR (both 3D float32), before coordinate draws."""
+    if scales is None:
+        scales = draw_scales(rng, config)
+    shape = hr_shape(config.lr_size, scales)
+    start = choose_patch_start(volume, shape, rng, config)
+    hr = volume[tuple(slice(a, a + m) for a, m in zip(start, shape))]
+    if config.augment.any_hr:
+        hr = augment_hr(hr, rng, config.augment)
+    hr = np.ascontiguousarray(hr, dtype=np.float32)
+    lr = degrade(hr, config.lr_size, config.degrade, config.antialias)
+    if config.augment.noise_std:
+        sigma = rng.uniform(0.0, config.augment.noise_std)
+        lr = (lr + rng.normal(0.0, sigma, size=lr.shape)).astype(np.float32)
+    return hr, lr, np.asarray(scales, np.float64)
+
+
+def make_sample(volume: np.ndarray, config: DataConfig,
+                rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    """One training sample: lr (n, n, n, 1), coords (K, 3), values (K, 1), all float32."""
+    hr, lr, _ = make_patch(volume, config, rng)
+    coords, values = sample_coords(hr, config.samples_per_step, rng)
+    return {"lr": lr[..., None], "coords": coords, "values": values}
+
+
+DEFAULT_VALIDATION_SCALES = (2.0, 2.5, 3.0, 3.5, 4.0)
+
+
+def validation_samples(volumes, config: DataConfig,
+                       scales: Sequence[float] = DEFAULT_VALIDATION_SCALES,
+                       patches_per_volume: int = 1, seed: int = 0) -> List[Dict[str, np.ndarray]]:
+    """A fixed set of validation patches where every HR voxel is a target.
+
+    For each volume v and patch j (position drawn from ``(seed, v, j)``, the same
+    for every scale, foreground rule applied to the largest HR patch), and each
+    scale s in ``scales`` (isotropic, used as given, no augmentation), returns
+    ``{"lr": (n, n, n, 1), "hr": (m, m, m, 1), "coords": (m^3, 3), "scale": (3,),
+    "volume": int}``, float32 except ``volume``; ``coords`` is
+    ``coords.make_grid(hr shape)`` in the same row-major order as ``hr``.
+    """
+    from arssr_jax.data.volumes import check_patch_fits, load_volumes
+    from arssr_jax.errors import ArSSRError
+
+    volumes = load_volumes(volumes)
+    config.validate()
+    check_patch_fits(volumes, config.patch_size)
+    biggest = max(hr_shape(config.lr_size, (s,))[0] for s in scales)
+    if biggest > config.patch_size:
+        raise ArSSRError(f"validation scales {tuple(scales)}: int(lr_size * s) = {biggest} "
+                         f"exceeds patch_size {config.patch_size}; lower the scales")
+    out = []
+    for v, volume in enumerate(volumes.arrays):
+        for j in range(patches_per_volume):
+            rng = np.random.default_rng([seed, v, j])
+            start = choose_patch_start(volume, (biggest,) * 3, rng, config)
+            for s in scales:
+                shape = hr_shape(config.lr_size, (s, s, s))
+                hr = np.ascontiguousarray(
+                    volume[tuple(slice(a, a + m) for a, m in zip(start, shape))], np.float32)
+                lr = degrade(hr, config.lr_size, config.degrade, config.antialias)
+                out.append({"lr": lr[..., None], "hr": hr[..., None],
+                            "coords": make_grid(hr.shape),
+                            "scale": np.full(3, s, np.float32), "volume": v})
+    return out

@@ -1,0 +1,150 @@
+"""HR training volumes: find, read once, check, min-max normalise to [0, 1]."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+
+from arssr_jax.errors import ArSSRError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VolumeSet:
+    """Normalised float32 volumes (nibabel axis order) and a name for each."""
+
+    arrays: Tuple[np.ndarray, ...]
+    names: Tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(a.shape) for a in self.arrays[:3])
+        more = ", ..." if len(self.arrays) > 3 else ""
+        return f"VolumeSet({len(self)} volumes: {shapes}{more})"
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def find_volume_files(source: Union[str, os.PathLike, Sequence]) -> list:
+    """NIfTI paths named by a directory, a list file, a NIfTI file, or a sequence of them.
+
+    A directory gives its *.nii / *.nii.gz files, sorted by name. Any other file not
+    ending in .nii / .nii.gz is a text list: one path per line, blank lines and
+    lines starting with '#' skipped, relative paths relative to the list file.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    files = []
+    for item in source:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p))
+            if not found:
+                raise ArSSRError(f"{path}: no *.nii or *.nii.gz files in this directory; "
+                                 "point the data paths at a folder of HR NIfTI volumes")
+            files.extend(str(p) for p in found)
+        elif not path.exists():
+            raise ArSSRError(f"{path}: no such file or directory; check the data paths")
+        elif _is_nifti(path):
+            files.append(str(path))
+        else:
+            try:
+                lines = path.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as err:
+                raise ArSSRError(f"{path}: cannot read it as a list of NIfTI paths ({err}); "
+                                 "give a directory, NIfTI files, or a text file with one "
+                                 "path per line") from None
+            listed = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+            if not listed:
+                raise ArSSRError(f"{path}: the list file names no volumes; add one NIfTI path "
+                                 "per line")
+            for entry in listed:
+                p = Path(entry)
+                if not p.is_absolute():
+                    p = path.parent / p
+                if not p.is_file():
+                    raise ArSSRError(f"{p}: listed in {path} but not a file; fix the list")
+                files.append(str(p))
+    if not files:
+        raise ArSSRError("no training volumes given; set the data paths to a directory, "
+                         "a list file or NIfTI files")
+    return files
+
+
+def read_nifti(path: str) -> np.ndarray:
+    """Read one 3D NIfTI volume as float32 (trailing singleton axes are dropped)."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+    except Exception as err:  # nibabel raises many types for bad files
+        raise ArSSRError(f"{path}: cannot read as NIfTI ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); "
+                         "replace or remove the file") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ArSSRError(f"{path}: shape {image.shape} is not a 3D volume; give 3D HR "
+                         "volumes (split 4D series first)")
+    return data
+
+
+def normalise_volume(data: np.ndarray, name: str) -> np.ndarray:
+    """Check a 3D array and min-max normalise it to [0, 1] float32."""
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise ArSSRError(f"{name}: shape {data.shape} is not a 3D volume; give 3D HR volumes")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise ArSSRError(f"{name}: dtype {data.dtype} is not a real number type")
+    data = data.astype(np.float64)
+    if not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise ArSSRError(f"{name}: {bad} voxels are NaN or infinite; fix or remove the volume")
+    lo, hi = float(data.min()), float(data.max())
+    if hi <= lo:
+        raise ArSSRError(f"{name}: the volume is constant ({lo}); it carries no signal to "
+                         "learn from, remove it")
+    out = ((data - lo) / (hi - lo)).astype(np.float32)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def load_volumes(source) -> VolumeSet:
+    """Read every volume once and normalise it.
+
+    ``source``: a directory, a list file, a NIfTI path, a sequence of paths, a
+    sequence of 3D arrays (named ``array[i]``), or a :class:`VolumeSet` (returned as is).
+    """
+    if isinstance(source, VolumeSet):
+        return source
+    if isinstance(source, np.ndarray):
+        source = [source]
+    if (isinstance(source, Sequence) and not isinstance(source, (str, bytes))
+            and len(source) > 0 and all(isinstance(a, np.ndarray) for a in source)):
+        names = [f"array[{i}]" for i in range(len(source))]
+        arrays = [normalise_volume(a, n) for a, n in zip(source, names)]
+        return VolumeSet(tuple(arrays), tuple(names))
+    files = find_volume_files(source)
+    arrays = [normalise_volume(read_nifti(f), f) for f in files]
+    return VolumeSet(tuple(arrays), tuple(files))
+
+
+def check_patch_fits(volumes: VolumeSet, patch_size: int) -> None:
+    """Every volume must hold a patch of ``patch_size`` voxels along every axis."""
+    if len(volumes) == 0:
+        raise ArSSRError("no training volumes given; set the data paths")
+    for array, name in zip(volumes.arrays, volumes.names):
+        if min(array.shape) < patch_size:
+            raise ArSSRError(f"{name}: shape {array.shape} is smaller than the patch size "
+                             f"{patch_size} on some axis; remove the volume or lower "
+                             "patch_size")

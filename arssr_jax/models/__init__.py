@@ -1,0 +1,19 @@
+"""Models: the ArSSR encoders and decoder, and one registry by name."""
+
+from arssr_jax.models.arssr import (
+    ArSSR,
+    ModelConfig,
+    build_model,
+    count_params,
+    decode,
+    encode,
+    init_params,
+    predict,
+)
+from arssr_jax.models.decoder import Decoder
+from arssr_jax.models.encoders import ENCODERS, RDN, ResCNN, SRResNet
+
+__all__ = [
+    "ArSSR", "ModelConfig", "build_model", "count_params", "decode", "encode", "init_params",
+    "predict", "Decoder", "ENCODERS", "RDN", "ResCNN", "SRResNet",
+]

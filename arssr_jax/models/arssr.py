@@ -1,0 +1,109 @@
+"""ArSSR = encoder -> trilinear feature sampling at query coordinates -> MLP decoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from arssr_jax.models.decoder import Decoder
+from arssr_jax.models.encoders import ENCODERS
+from arssr_jax.sampling import PADDING_MODES, sample_features_batched
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; saved as JSON beside its parameters."""
+
+    encoder: str = "RDN"
+    feature_dim: int = 128
+    encoder_options: dict = dataclasses.field(default_factory=dict)  # e.g. {"num_blocks": 4}
+    decoder_depth: int = 8
+    decoder_width: int = 256
+    padding: str = "zeros"  # feature sampling outside the volume: "zeros" (reference) or "border"
+    compute_dtype: str = "float32"  # "bfloat16": bf16 products, float32 parameters and sums
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {sorted(ENCODERS)}")
+        if self.padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {self.padding!r}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class ArSSR(nn.Module):
+    """Volumes (N, X, Y, Z, 1) in [0, 1]; coordinates (N, K, 3) in the [-1, 1] cube."""
+
+    config: ModelConfig = ModelConfig()
+
+    def setup(self):
+        cfg = self.config
+        dtype = DTYPES[cfg.compute_dtype]
+        self.encoder = ENCODERS[cfg.encoder](feature_dim=cfg.feature_dim, dtype=dtype, **cfg.encoder_options)
+        self.decoder = Decoder(depth=cfg.decoder_depth, width=cfg.decoder_width, dtype=dtype)
+
+    def encode(self, volume):
+        """(N, X, Y, Z, 1) -> feature map (N, X, Y, Z, feature_dim), float32."""
+        return self.encoder(volume).astype(jnp.float32)
+
+    def decode(self, features, coords):
+        """Features (N, X, Y, Z, F) sampled at coords (N, K, 3) -> intensities (N, K, 1)."""
+        sampled = sample_features_batched(features, coords, self.config.padding)
+        return self.decoder(jnp.concatenate([sampled, coords.astype(sampled.dtype)], axis=-1))
+
+    def __call__(self, volume, coords):
+        return self.decode(self.encode(volume), coords)
+
+
+def build_model(config: ModelConfig | None = None) -> ArSSR:
+    return ArSSR(config or ModelConfig())
+
+
+def init_params(model: ArSSR, rng, lr_shape=(4, 4, 4)) -> Any:
+    """Random parameters for ``model`` (the shapes do not depend on ``lr_shape``)."""
+    volume = jnp.zeros((1, *lr_shape, 1), jnp.float32)
+    coords = jnp.zeros((1, 1, 3), jnp.float32)
+    return model.init(rng, volume, coords)["params"]
+
+
+# Pure functions over (model, params): the model is a static, hashable description.
+
+
+def encode(model: ArSSR, params, volume):
+    """Feature map of a batch of volumes (N, X, Y, Z, 1)."""
+    return model.apply({"params": params}, volume, method=ArSSR.encode)
+
+
+def decode(model: ArSSR, params, features, coords):
+    """Intensities (N, K, 1) at coords (N, K, 3) from a feature map (N, X, Y, Z, F)."""
+    return model.apply({"params": params}, features, coords, method=ArSSR.decode)
+
+
+def predict(model: ArSSR, params, volume, coords):
+    """encode then decode: (N, X, Y, Z, 1), (N, K, 3) -> (N, K, 1)."""
+    return model.apply({"params": params}, volume, coords)
+
+
+def count_params(tree) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

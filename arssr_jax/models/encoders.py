@@ -1,0 +1,110 @@
+"""The three ArSSR encoders (REFERENCE.md section 1), channels-last 3D convolutions.
+
+All convolutions: kernel 3 (or 1 where noted), stride 1, zero "same" padding, bias.
+Each encoder maps (N, X, Y, Z, 1) to (N, X, Y, Z, feature_dim): no upscaling.
+Sub-module names mirror the reference's state_dict so the weight mapping stays
+readable (see arssr_jax/weights/reference.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from arssr_jax.models.conv import Conv3d
+
+
+class DenseLayer(nn.Module):
+    growth: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(Conv3d(self.growth, dtype=self.dtype, name="conv")(x))
+        return jnp.concatenate([x, y], axis=-1)
+
+
+class ResidualDenseBlock(nn.Module):
+    """num_layers densely connected conv+ReLU layers, 1x1x1 local fusion, residual."""
+
+    num_features: int
+    growth: int
+    num_layers: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = x
+        for i in range(self.num_layers):
+            y = DenseLayer(self.growth, dtype=self.dtype, name=f"layers_{i}")(y)
+        return x + Conv3d(self.num_features, kernel=1, dtype=self.dtype, name="lff")(y)
+
+
+class RDN(nn.Module):
+    """Residual dense network: 5,918,784 parameters at the defaults."""
+
+    feature_dim: int = 128
+    num_features: int = 64
+    growth: int = 64
+    num_blocks: int = 8
+    num_layers: int = 3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, volume):
+        conv = lambda features, name, kernel=3: Conv3d(features, kernel=kernel, dtype=self.dtype, name=name)
+        shallow = conv(self.num_features, "sfe1")(volume)
+        x = conv(self.num_features, "sfe2")(shallow)
+        block_outputs = []
+        for b in range(self.num_blocks):
+            x = ResidualDenseBlock(
+                self.num_features, self.growth, self.num_layers, dtype=self.dtype, name=f"rdbs_{b}"
+            )(x)
+            block_outputs.append(x)
+        fused = conv(self.num_features, "gff_0", kernel=1)(jnp.concatenate(block_outputs, axis=-1))
+        fused = conv(self.num_features, "gff_1")(fused) + shallow
+        return conv(self.feature_dim, "output")(fused)
+
+
+class ResCNN(nn.Module):
+    """Residual CNN (Du et al. 2020 as used by ArSSR): 2,214,912 parameters at the defaults."""
+
+    feature_dim: int = 128
+    num_features: int = 64
+    num_blocks: int = 3
+    convs_per_block: int = 6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, volume):
+        x = nn.relu(Conv3d(self.num_features, dtype=self.dtype, name="conv_start")(volume))
+        for b in range(1, self.num_blocks + 1):
+            y = x
+            for i in range(self.convs_per_block):
+                y = nn.relu(Conv3d(self.num_features, dtype=self.dtype, name=f"block{b}_{i}")(y))
+            x = y + x
+        # The one-channel input is broadcast onto every feature channel (global skip).
+        return volume + Conv3d(self.feature_dim, dtype=self.dtype, name="conv_end")(x)
+
+
+class SRResNet(nn.Module):
+    """SRResNet body without upsampling: 4,317,376 parameters at the defaults."""
+
+    feature_dim: int = 128
+    num_features: int = 64
+    num_blocks: int = 18
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, volume):
+        x = Conv3d(self.num_features, dtype=self.dtype, name="head")(volume)
+        for b in range(1, self.num_blocks + 1):
+            y = nn.relu(Conv3d(self.num_features, dtype=self.dtype, name=f"res{b}_conv1")(x))
+            x = x + Conv3d(self.num_features, dtype=self.dtype, name=f"res{b}_conv2")(y)
+        x = Conv3d(self.num_features, dtype=self.dtype, name="body_end")(x)
+        return Conv3d(self.feature_dim, dtype=self.dtype, name="tail")(x)
+
+
+ENCODERS = {"RDN": RDN, "ResCNN": ResCNN, "SRResNet": SRResNet}

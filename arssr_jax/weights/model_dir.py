@@ -1,0 +1,132 @@
+"""Model directories: ``config.json`` (the ModelConfig) + ``params.msgpack`` (Flax params).
+
+``params.msgpack`` is ``flax.serialization.msgpack_serialize`` of the nested parameter
+dict (float32 arrays). Writes go to a temporary sibling directory that is renamed into
+place, so an interrupted save never leaves a half-written model.
+
+``load_model(spec)`` accepts a model directory, a training work directory (its best or
+latest orbax checkpoint) or the name of a model shipped inside the package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from flax import serialization
+
+from arssr_jax.errors import ArSSRError
+from arssr_jax.models import ArSSR, ModelConfig, build_model, count_params, init_params
+
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.msgpack"
+FORMAT = "arssr-jax-model/1"
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+DEFAULT_MODEL = "default"
+
+
+def save_model(directory, config: ModelConfig, params, metadata: dict | None = None) -> Path:
+    """Write a model directory atomically; an existing directory is replaced whole."""
+    directory = Path(directory)
+    parent = directory.parent if str(directory.parent) else Path(".")
+    if not parent.is_dir():
+        raise ArSSRError(f"cannot write model to {directory}: folder {parent} does not exist; create it first")
+    if directory.exists() and not (directory / CONFIG_FILE).exists() and any(directory.iterdir()):
+        raise ArSSRError(f"{directory} exists and is not a model directory; choose an empty or new path")
+    params = _to_numpy(params)
+    document = {"format": FORMAT, "model": json.loads(config.to_json()), "metadata": metadata or {}}
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
+    try:
+        (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        (staging / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(params))
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=parent))
+            os.replace(directory, old / "model")
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _to_numpy(tree):
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree, dtype=np.float32)
+
+
+def read_model_dir(directory) -> tuple[ModelConfig, dict, dict]:
+    """(config, params, metadata) of a model directory, checked against the config's shapes."""
+    directory = Path(directory)
+    config_path, params_path = directory / CONFIG_FILE, directory / PARAMS_FILE
+    if not config_path.is_file() or not params_path.is_file():
+        raise ArSSRError(f"{directory} is not a model directory (needs {CONFIG_FILE} and {PARAMS_FILE})")
+    try:
+        document = json.loads(config_path.read_text())
+        config = ModelConfig.from_dict(document["model"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ArSSRError(f"{config_path} is not a valid model config ({error}); re-create the model directory")
+    try:
+        params = serialization.msgpack_restore(params_path.read_bytes())
+    except Exception as error:  # msgpack raises several unrelated types
+        raise ArSSRError(f"{params_path} is damaged ({type(error).__name__}); re-create the model directory")
+    check_params(config, params, str(directory))
+    return config, params, document.get("metadata", {})
+
+
+def check_params(config: ModelConfig, params, source: str) -> None:
+    """Raise ArSSRError unless ``params`` has exactly the tree and shapes ``config`` builds."""
+    import jax
+
+    expected = jax.eval_shape(lambda: init_params(build_model(config), jax.random.key(0)))
+    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    if want != have:
+        missing = sorted(set(want) - set(have))
+        wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        detail = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {have[wrong[0]]}, expected {want[wrong[0]]}" if wrong else f"unexpected {sorted(set(have) - set(want))[0]}"
+        raise ArSSRError(f"parameters in {source} do not fit its config ({detail}); the model files are inconsistent")
+
+
+def available_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def load_model(spec=None) -> tuple[ArSSR, dict, ModelConfig]:
+    """(model, params, config) from a model directory, training workdir or shipped name."""
+    spec = DEFAULT_MODEL if spec is None else spec
+    path = Path(spec)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        config, params, _ = read_model_dir(path)
+    elif path.is_dir() and _is_training_workdir(path):
+        from arssr_jax.training.checkpoints import load_inference_params
+
+        config, params = load_inference_params(path)
+    elif str(spec) in available_models():
+        config, params, _ = read_model_dir(PRETRAINED_DIR / str(spec))
+    elif path.exists():
+        raise ArSSRError(
+            f"{spec} is neither a model directory ({CONFIG_FILE} + {PARAMS_FILE}) nor a training work directory"
+        )
+    else:
+        names = ", ".join(available_models()) or "none shipped"
+        raise ArSSRError(f"model {spec!r} not found: give a model directory, a training workdir or a shipped name ({names})")
+    return build_model(config), params, config
+
+
+def _is_training_workdir(path: Path) -> bool:
+    return (path / "checkpoints").is_dir()
+
+
+def describe(config: ModelConfig, params) -> str:
+    return f"{config.encoder} encoder, feature_dim {config.feature_dim}, {count_params(params):,} parameters"
