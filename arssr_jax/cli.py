@@ -23,6 +23,53 @@ def _convert_torch(args) -> None:
         print(f"wrote {args.output}: {describe(config, params)} (axis order: {args.axis_order})")
 
 
+def _upsample(args) -> None:
+    from arssr_jax.inference import upsample_nifti
+
+    scale = _one_or_three(args.scale, "--scale")
+    voxel_size = _one_or_three(args.voxel_size, "--voxel-size")
+    result = upsample_nifti(
+        args.input, args.output, args.model, scale=scale, voxel_size=voxel_size, like=args.like,
+        volume_index=args.volume_index, normalize=not args.no_normalize, padding=args.padding,
+        chunk=args.chunk, tile=args.tile, progress=not args.quiet,
+    )
+    if not args.quiet:
+        size = " x ".join(f"{v:.3g}" for v in result.voxel_size)
+        print(f"wrote {args.output}: {' x '.join(map(str, result.shape))} voxels of {size} mm")
+
+
+def _one_or_three(values, flag):
+    if values is None:
+        return None
+    if len(values) not in (1, 3):
+        raise ArSSRError(f"{flag} takes one value or three (one per axis), got {len(values)}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _add_upsample(commands) -> None:
+    up = commands.add_parser(
+        "upsample", help="super-resolve a NIfTI volume at any scale, voxel size or onto another image's grid",
+        description="Super-resolve IN onto a voxel-centre grid over its field of view and write OUT "
+        "(.nii or .nii.gz) with an affine that places every voxel where it was sampled.",
+    )
+    up.add_argument("input", help="low-resolution NIfTI (3D, or 4D with --volume-index)")
+    up.add_argument("output", help="output NIfTI path (.nii or .nii.gz); written atomically")
+    target = up.add_mutually_exclusive_group(required=True)
+    target.add_argument("--scale", type=float, nargs="+", metavar="S", help="one factor, or three (per axis)")
+    target.add_argument("--voxel-size", type=float, nargs="+", metavar="MM", help="target voxel size in mm (one or three)")
+    target.add_argument("--like", metavar="REF", help="decode straight onto REF's grid (any affine, oblique too)")
+    up.add_argument("--model", default=None, help="model directory, training workdir or shipped name (default: the shipped model)")
+    up.add_argument("--no-normalize", action="store_true",
+                    help="feed intensities as they are (must already be in [0, 1]) and write the raw output")
+    up.add_argument("--padding", choices=["zeros", "border"], default=None,
+                    help="feature sampling beyond the outer voxel centres (default: the model's, zeros as the reference)")
+    up.add_argument("--chunk", type=int, default=None, help="HR voxels decoded per call (default 65536 on CPU, 2^20 on GPU)")
+    up.add_argument("--tile", type=int, default=None, help="encoder tile core size in LR voxels (default: from free memory)")
+    up.add_argument("--volume-index", type=int, default=None, metavar="I", help="volume of a 4D input to use")
+    up.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    up.set_defaults(run=_upsample)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arssr-jax", description="Arbitrary-scale super-resolution of 3D MR images (ArSSR) in JAX."
@@ -44,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--quiet", action="store_true")
     convert.set_defaults(run=_convert_torch)
+    _add_upsample(commands)
     return parser
 
 

@@ -9,7 +9,11 @@ flattened row-major.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from arssr_jax.errors import ArSSRError
 
 
 def axis_centres(n: int, dtype=np.float32) -> np.ndarray:
@@ -35,3 +39,92 @@ def normalised_to_index(coords, n):
 def index_to_normalised(index, n):
     """Normalised coordinate of a continuous voxel index; inverse of normalised_to_index."""
     return (2.0 * np.asarray(index) + 1.0) / np.asarray(n) - 1.0
+
+
+# --------------------------------------------------------------------------- target grids
+#
+# A target grid is an HR shape plus the 4x4 map from HR voxel indices to continuous LR
+# voxel indices. Its world affine is lr_affine @ index_map, so every HR voxel centre is
+# placed exactly where it was sampled (the reference's "keep origin, divide spacing"
+# misplaces the grid: REFERENCE.md section 4).
+
+
+@dataclass(frozen=True)
+class TargetGrid:
+    shape: tuple  # HR voxels per axis
+    index_map: np.ndarray  # 4x4: HR voxel index -> LR continuous voxel index
+
+    def affine(self, lr_affine) -> np.ndarray:
+        """World affine of the HR grid given the LR volume's affine."""
+        return np.asarray(lr_affine, np.float64) @ self.index_map
+
+    @property
+    def is_axis_aligned(self) -> bool:
+        linear = self.index_map[:3, :3]
+        return bool(np.all(linear == np.diag(np.diag(linear))))
+
+    @property
+    def num_voxels(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def _centred_grid(lr_shape, hr_shape, steps) -> TargetGrid:
+    """HR grid of ``hr_shape`` voxels ``steps`` LR voxels apart, centred on the LR field of view."""
+    index_map = np.eye(4)
+    for axis, (n, m, step) in enumerate(zip(lr_shape, hr_shape, steps)):
+        index_map[axis, axis] = step
+        index_map[axis, 3] = (n - 1) / 2.0 - (m - 1) / 2.0 * step
+    return TargetGrid(tuple(int(m) for m in hr_shape), index_map)
+
+
+def _per_axis(value, name) -> tuple:
+    values = np.broadcast_to(np.asarray(value, np.float64), (3,)) if np.ndim(value) == 0 else np.asarray(value, np.float64)
+    if values.shape != (3,):
+        raise ArSSRError(f"{name} takes one value or three (one per axis), got {np.ndim(value) and len(value)}")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ArSSRError(f"{name} must be positive and finite, got {value}")
+    return tuple(float(v) for v in values)
+
+
+def grid_for_scale(lr_shape, scale) -> TargetGrid:
+    """int(n * s) HR voxels per axis over the LR field of view (the reference CLI's grid).
+
+    The HR voxel centres are those of a voxel-centre grid over the same [-1, 1] cube;
+    the true HR spacing is n / int(n * s) LR voxels (not 1 / s when n * s is not an integer).
+    """
+    scales = _per_axis(scale, "scale")
+    # int(n * s) as the reference, guarded against 7 * 1.1 = 7.700000000000001-style noise.
+    hr_shape = tuple(max(1, int(np.floor(n * s + 1e-9))) for n, s in zip(lr_shape, scales))
+    return _centred_grid(lr_shape, hr_shape, [n / m for n, m in zip(lr_shape, hr_shape)])
+
+
+def grid_for_shape(lr_shape, hr_shape) -> TargetGrid:
+    """A voxel-centre grid of exactly ``hr_shape`` voxels over the LR field of view."""
+    if len(hr_shape) != 3 or any(int(m) < 1 for m in hr_shape):
+        raise ArSSRError(f"target shape must be three positive integers, got {hr_shape}")
+    return _centred_grid(lr_shape, hr_shape, [n / int(m) for n, m in zip(lr_shape, hr_shape)])
+
+
+def grid_for_voxel_size(lr_shape, lr_voxel_size, voxel_size) -> TargetGrid:
+    """Voxels of exactly ``voxel_size`` mm, round(n * spacing / size) per axis, centred on the LR field of view."""
+    target = _per_axis(voxel_size, "voxel size")
+    steps = [t / s for t, s in zip(target, lr_voxel_size)]
+    hr_shape = tuple(max(1, int(round(n / step))) for n, step in zip(lr_shape, steps))
+    return _centred_grid(lr_shape, hr_shape, steps)
+
+
+def grid_like(lr_affine, ref_shape, ref_affine) -> TargetGrid:
+    """Decode straight onto another image's grid (any affine, oblique included)."""
+    if len(ref_shape) < 3:
+        raise ArSSRError(f"reference grid must be 3D, got shape {tuple(ref_shape)}")
+    index_map = np.linalg.solve(np.asarray(lr_affine, np.float64), np.asarray(ref_affine, np.float64))
+    return TargetGrid(tuple(int(m) for m in ref_shape[:3]), index_map)
+
+
+def index_map_to_normalised(index_map, lr_shape) -> np.ndarray:
+    """4x4 map from HR voxel index to the normalised LR coordinate (c = (2 p + 1) / n - 1)."""
+    n = np.asarray(lr_shape, np.float64)
+    to_normalised = np.eye(4)
+    to_normalised[:3, :3] = np.diag(2.0 / n)
+    to_normalised[:3, 3] = 1.0 / n - 1.0
+    return to_normalised @ np.asarray(index_map, np.float64)

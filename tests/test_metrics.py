@@ -152,7 +152,8 @@ def test_slicewise_skips_empty_slices(anat):
     # with an explicit mask, exactly the slices with foreground fraction >= min_foreground are averaged
     mask = np.zeros(padded.shape, bool)
     mask[:, :, 6:-6] = vol > np.median(vol)
-    mask[:, :, 8] = False  # a non-empty slice turned into "background"
+    mask[:, :, 8] = False  # a slice with too little foreground ...
+    mask[10:13, 10:13, 8] = True  # ... (9 voxels) is skipped, not scored
     kept = [k for k in range(padded.shape[2]) if mask[:, :, k].mean() >= 0.2]
     assert 5 not in kept and 8 not in kept and 6 in kept and len(kept) > 5
     manual = np.mean([lpc_si(padded[:, :, k]) for k in kept])

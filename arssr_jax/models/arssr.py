@@ -23,13 +23,18 @@ class ModelConfig:
 
     encoder: str = "RDN"
     feature_dim: int = 128
-    encoder_options: dict = dataclasses.field(default_factory=dict)  # e.g. {"num_blocks": 4}
+    # Encoder sizes other than the defaults, e.g. {"num_blocks": 4}; stored as sorted
+    # (name, value) pairs so the config (and the model built from it) is hashable.
+    encoder_options: tuple = ()
     decoder_depth: int = 8
     decoder_width: int = 256
     padding: str = "zeros"  # feature sampling outside the volume: "zeros" (reference) or "border"
     compute_dtype: str = "float32"  # "bfloat16": bf16 products, float32 parameters and sums
 
     def __post_init__(self):
+        options = self.encoder_options
+        items = options.items() if isinstance(options, dict) else options
+        object.__setattr__(self, "encoder_options", tuple(sorted((str(k), v) for k, v in items)))
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {sorted(ENCODERS)}")
         if self.padding not in PADDING_MODES:
@@ -37,8 +42,13 @@ class ModelConfig:
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
 
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["encoder_options"] = dict(self.encoder_options)
+        return values
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
@@ -60,7 +70,7 @@ class ArSSR(nn.Module):
     def setup(self):
         cfg = self.config
         dtype = DTYPES[cfg.compute_dtype]
-        self.encoder = ENCODERS[cfg.encoder](feature_dim=cfg.feature_dim, dtype=dtype, **cfg.encoder_options)
+        self.encoder = ENCODERS[cfg.encoder](feature_dim=cfg.feature_dim, dtype=dtype, **dict(cfg.encoder_options))
         self.decoder = Decoder(depth=cfg.decoder_depth, width=cfg.decoder_width, dtype=dtype)
 
     def encode(self, volume):

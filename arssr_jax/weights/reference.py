@@ -163,7 +163,7 @@ def convert_state_dict(state: dict, encoder: str = "RDN", axis_order: str = "nib
     config = infer_config(state, encoder, source)
 
     shapes = jax.eval_shape(lambda: init_params(build_model(config), jax.random.key(0)))
-    expected = {_torch_key(path, encoder, config.encoder_options): path for path, _ in _flatten(shapes)}
+    expected = {_torch_key(path, encoder, dict(config.encoder_options)): path for path, _ in _flatten(shapes)}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:

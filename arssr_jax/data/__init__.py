@@ -1,0 +1,31 @@
+"""Training input pipeline: HR volumes -> random patches -> (LR, K coords, values) batches.
+
+See ``pipeline`` for the indexing, sharding and checkpointing rules, ``degrade`` for
+the two down-sampling modes and ``samples`` for the per-sample transform.
+"""
+
+from arssr_jax.data.config import AugmentConfig, DataConfig
+from arssr_jax.data.degrade import degrade, degrade_centred, degrade_reference
+from arssr_jax.data.pipeline import (
+    StepBatch,
+    TrainIterator,
+    global_sample,
+    make_dataset,
+    make_train_iterator,
+)
+from arssr_jax.data.samples import (
+    DEFAULT_VALIDATION_SCALES,
+    draw_scales,
+    hr_shape,
+    make_patch,
+    make_sample,
+    validation_samples,
+)
+from arssr_jax.data.volumes import VolumeSet, find_volume_files, load_volumes
+
+__all__ = [
+    "AugmentConfig", "DataConfig", "degrade", "degrade_centred", "degrade_reference",
+    "StepBatch", "TrainIterator", "global_sample", "make_dataset", "make_train_iterator",
+    "DEFAULT_VALIDATION_SCALES", "draw_scales", "hr_shape", "make_patch", "make_sample",
+    "validation_samples", "VolumeSet", "find_volume_files", "load_volumes",
+]

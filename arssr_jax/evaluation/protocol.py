@@ -1,0 +1,238 @@
+"""The evaluation protocol: volumes x scales x models -> per-volume metric records.
+
+Simulated mode (ground truth known): each HR volume is min-max normalised to [0, 1],
+degraded to LR at every scale (:mod:`arssr_jax.evaluation.simulate`), super-resolved
+by every runner onto the ground truth's grid and scored against it:
+
+* ``psnr``, ``ssim``: 3D, data_range = max(gt) - min(gt) (= 1 after normalising);
+* ``psi``, ``lpc_si``: no-reference sharpness, averaged over 2D slices in the three
+  orientations (:func:`arssr_jax.metrics.slicewise`); slices are those with >= 10 %
+  foreground, foreground = the ground truth above its Otsu threshold, so every model
+  is judged on the same slices. PSI needs slices of at least 32 x 32 pixels: an
+  orientation with smaller slices is left out (NaN when none is left);
+* ``dice``: tissue classes (background / CSF / GM / WM by an intensity model fitted on
+  the ground truth, :func:`arssr_jax.metrics.dice`); the mean of the three classes and
+  each class.
+
+The ground truth itself is scored with the no-reference metrics once per volume.
+
+Real-scan mode (no ground truth): each LR scan is normalised to [0, 1], upsampled by
+every scale onto int(n * s) voxels per axis, and only ``psi`` and ``lpc_si`` are
+reported; the slices scored are those with >= 10 % foreground in the tricubic result
+(Otsu), the same for every model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from arssr_jax import metrics as M
+from arssr_jax.errors import ArSSRError
+from arssr_jax.evaluation.runners import Runner
+from arssr_jax.evaluation.simulate import lr_shape_for, simulate_lr
+
+METRICS = ("psnr", "ssim", "psi", "lpc_si", "dice")
+NO_REFERENCE = ("psi", "lpc_si")
+PAPER_SCALES = (2.0, 2.5, 3.0, 3.5, 4.0)
+PSI_BLOCK = 32
+GROUND_TRUTH = "ground truth"
+
+
+@dataclass
+class FigureCase:
+    """Everything the figures show for one volume at one scale."""
+
+    volume: str
+    scale: float
+    lr: np.ndarray
+    outputs: dict  # label -> SR volume, in table order
+    ground_truth: Optional[np.ndarray] = None
+
+
+@dataclass
+class Results:
+    records: list  # dicts: volume, scale (None for the ground-truth row), model, kind, metrics
+    models: list  # row labels in table order
+    scales: list
+    metrics: tuple
+    mode: str  # "simulated" or "real"
+    degradation: Optional[str] = None
+    figure: Optional[FigureCase] = None
+    notes: list = field(default_factory=list)
+
+
+def check_scales(scales) -> list[float]:
+    out = []
+    for s in scales:
+        try:
+            s = float(s)
+        except (TypeError, ValueError):
+            raise ArSSRError(f"scale {s!r} is not a number; give scales like 2 2.5 3") from None
+        if not math.isfinite(s) or s < 1:
+            raise ArSSRError(f"scale {s} must be a finite number >= 1")
+        if not any(math.isclose(s, t) for t in out):
+            out.append(s)
+    if not out:
+        raise ArSSRError("no scales given; e.g. --scales 2 2.5 3 3.5 4")
+    return sorted(out)
+
+
+def check_metrics(names, real: bool = False) -> tuple:
+    names = tuple(dict.fromkeys(n.strip().lower().replace("-", "_") for n in names if n.strip()))
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ArSSRError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    if real:
+        names = tuple(n for n in names if n in NO_REFERENCE)
+        if not names:
+            raise ArSSRError("real-scan mode has no ground truth: choose psi and/or lpc_si as metrics")
+    if not names:
+        raise ArSSRError(f"no metrics chosen; choose from {', '.join(METRICS)}")
+    return names
+
+
+def _psi_axes(shape) -> tuple:
+    return tuple(a for a in range(3) if min(n for i, n in enumerate(shape) if i != a) >= PSI_BLOCK)
+
+
+def no_reference_scores(volume, mask, metrics) -> dict:
+    out = {}
+    if "psi" in metrics:
+        axes = _psi_axes(volume.shape)
+        out["psi"] = M.slicewise(M.psi, volume, mask=mask, axes=axes) if axes else float("nan")
+    if "lpc_si" in metrics:
+        out["lpc_si"] = M.slicewise(M.lpc_si, volume, mask=mask)
+    return out
+
+
+def reference_scores(sr, gt, mask, tissue, metrics) -> dict:
+    out = {}
+    if "psnr" in metrics:
+        out["psnr"] = M.psnr(sr, gt)
+    if "ssim" in metrics:
+        out["ssim"] = M.ssim(sr, gt)
+    out.update(no_reference_scores(sr, mask, metrics))
+    if "dice" in metrics:
+        d = M.dice(sr, gt, model=tissue)
+        out["dice"] = d.pop("mean")
+        out.update({f"dice_{k}": v for k, v in d.items()})
+    return out
+
+
+def _model_order(runners) -> list[str]:
+    return list(dict.fromkeys(r.label for r in runners))
+
+
+def _check_fixed_scales(runners, scales) -> None:
+    for r in runners:
+        if r.scale is not None and not any(math.isclose(r.scale, s, abs_tol=1e-6) for s in scales):
+            listed = ", ".join(f"{s:g}" for s in scales)
+            raise ArSSRError(f"baseline {r.label} ({r.info.get('directory', '')}) was trained for scale {r.scale:g}, "
+                             f"which is not among the scales ({listed}); add it to --scales or leave it out")
+
+
+def _bar(total, desc, quiet):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="case", disable=True if quiet else None, leave=False)
+
+
+def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[Runner], scales,
+                       *, degradation: str = "centred", metrics=METRICS, figure_volume: int = 0,
+                       figure_scale: Optional[float] = None, quiet: bool = False) -> Results:
+    """``volumes``: (name, HR array normalised to [0, 1], or a function loading it) pairs."""
+    scales = check_scales(scales)
+    metrics = check_metrics(metrics)
+    _check_fixed_scales(runners, scales)
+    fig_scale = _figure_scale(scales, figure_scale)
+    records, figure = [], None
+    bar = _bar(len(volumes) * len(scales), "evaluate", quiet)
+    try:
+        for v, (name, hr) in enumerate(volumes):
+            hr = np.asarray(hr() if callable(hr) else hr, np.float32)
+            mask = hr > M.otsu_threshold(hr)
+            tissue = M.fit_tissue_model(hr) if "dice" in metrics else None
+            nr = no_reference_scores(hr, mask, metrics)
+            if nr:
+                records.append(dict(volume=name, scale=None, model=GROUND_TRUTH, kind="ground truth", **nr))
+            for s in scales:
+                bar.set_postfix_str(f"{_short(name)} x{s:g}")
+                lr = simulate_lr(hr, s, degradation)
+                keep = v == figure_volume and math.isclose(s, fig_scale)
+                outputs = {}
+                for r in runners:
+                    if not r.serves(s):
+                        continue
+                    sr = r(lr, hr.shape)
+                    records.append(dict(volume=name, scale=s, model=r.label, kind=r.kind,
+                                        **reference_scores(sr, hr, mask, tissue, metrics)))
+                    if keep:
+                        outputs[r.label] = sr
+                if keep:
+                    figure = FigureCase(name, s, lr, outputs, hr)
+                bar.update(1)
+    finally:
+        bar.close()
+    return Results(records, _model_order(runners), scales, metrics, "simulated", degradation, figure)
+
+
+def evaluate_real(scans: Sequence[tuple[str, np.ndarray]], runners: list[Runner], scales, *,
+                  metrics=NO_REFERENCE, figure_volume: int = 0, figure_scale: Optional[float] = None,
+                  quiet: bool = False) -> Results:
+    """``scans``: (name, LR array normalised to [0, 1], or a function loading it) pairs."""
+    from arssr_jax.coords import grid_for_scale
+    from arssr_jax.models.baselines import tricubic
+
+    scales = check_scales(scales)
+    metrics = check_metrics(metrics, real=True)
+    _check_fixed_scales(runners, scales)
+    fig_scale = _figure_scale(scales, figure_scale)
+    records, figure = [], None
+    bar = _bar(len(scans) * len(scales), "evaluate (real scans)", quiet)
+    try:
+        for v, (name, lr) in enumerate(scans):
+            lr = np.asarray(lr() if callable(lr) else lr, np.float32)
+            for s in scales:
+                bar.set_postfix_str(f"{_short(name)} x{s:g}")
+                shape = grid_for_scale(lr.shape, s).shape
+                reference = tricubic(lr, shape=shape)
+                mask = reference > M.otsu_threshold(reference)
+                keep = v == figure_volume and math.isclose(s, fig_scale)
+                outputs = {}
+                for r in runners:
+                    if not r.serves(s):
+                        continue
+                    sr = reference if r.kind == "interpolation" and r.label == "tricubic" else r(lr, shape)
+                    records.append(dict(volume=name, scale=s, model=r.label, kind=r.kind,
+                                        **no_reference_scores(sr, mask, metrics)))
+                    if keep:
+                        outputs[r.label] = sr
+                if keep:
+                    figure = FigureCase(name, s, lr, outputs, None)
+                bar.update(1)
+    finally:
+        bar.close()
+    return Results(records, _model_order(runners), scales, metrics, "real", None, figure)
+
+
+def _figure_scale(scales, requested) -> float:
+    if requested is None:
+        return max(scales)
+    if not any(math.isclose(float(requested), s) for s in scales):
+        raise ArSSRError(f"--figure-scale {requested:g} is not among the scales ({', '.join(f'{s:g}' for s in scales)})")
+    return float(requested)
+
+
+def _short(name: str) -> str:
+    import os
+
+    return os.path.basename(str(name))[:30]
+
+
+__all__ = ["METRICS", "NO_REFERENCE", "PAPER_SCALES", "GROUND_TRUTH", "FigureCase", "Results", "check_scales",
+           "check_metrics", "evaluate_simulated", "evaluate_real", "reference_scores", "no_reference_scores",
+           "lr_shape_for"]

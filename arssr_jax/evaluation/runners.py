@@ -1,0 +1,103 @@
+"""Model runners: one callable per table row, ``runner(lr, hr_shape) -> SR volume``.
+
+Every runner decodes onto the voxel-centre HR grid of ``hr_shape`` over the LR field
+of view (HR voxel i at LR index (i + 0.5) * n / m - 0.5), so all rows are compared on
+the same voxels:
+
+* interpolation (``tricubic`` always, ``nearest`` on request): any scale;
+* fixed-scale baseline CNNs (``--baseline NAME:DIR``): tricubic onto the HR grid, then
+  the network; a baseline runs only at the scale it was trained for;
+* ArSSR models (``--arssr [LABEL=]DIR_OR_NAME``): ``arssr_jax.inference.upsample``
+  with ``shape=hr_shape``, any scale. The input is fed as it is (``normalize=False``):
+  simulated LR comes from an HR volume already min-max normalised to [0, 1], exactly
+  like the training data, and real scans are normalised to [0, 1] before any model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from arssr_jax.errors import ArSSRError
+from arssr_jax.models import baselines
+
+SCALE_TOLERANCE = 1e-6
+
+
+@dataclass(eq=False)
+class Runner:
+    label: str  # the row name in the tables and figures
+    kind: str  # "interpolation", "baseline" or "arssr"
+    fn: Callable[[np.ndarray, tuple], np.ndarray]
+    scale: Optional[float] = None  # fixed-scale models: the one scale they serve
+    info: dict = field(default_factory=dict)
+
+    def serves(self, scale: float) -> bool:
+        return self.scale is None or math.isclose(self.scale, scale, rel_tol=0, abs_tol=SCALE_TOLERANCE)
+
+    def __call__(self, lr, shape) -> np.ndarray:
+        out = np.asarray(self.fn(np.asarray(lr, np.float32), tuple(int(m) for m in shape)), np.float32)
+        if out.shape != tuple(shape):
+            raise AssertionError(f"{self.label} returned shape {out.shape}, expected {tuple(shape)}")
+        return out
+
+
+def interpolation_runner(name: str = "tricubic") -> Runner:
+    if name not in baselines.INTERPOLATORS:
+        raise ArSSRError(f"unknown interpolation {name!r}; choose one of {sorted(baselines.INTERPOLATORS)}")
+    function = baselines.INTERPOLATORS[name]
+    return Runner(name, "interpolation", lambda lr, shape: function(lr, shape=shape))
+
+
+def baseline_runner(spec: str, tile: int = 64) -> Runner:
+    """``NAME:DIR`` (NAME = the row label) or a bare DIR (label: the architecture's name)."""
+    label, directory = _split(spec, ":")
+    if not Path(directory).is_dir():
+        raise ArSSRError(f"--baseline {spec}: {directory} is not a directory; give NAME:DIR of a trained baseline")
+    module, params, document = baselines.load_baseline(directory)
+    label = label or document["baseline"]
+    fn = lambda lr, shape: baselines.run_baseline(module, params, lr, shape, tile=tile)
+    info = {"architecture": document["baseline"], "directory": str(directory)}
+    return Runner(label, "baseline", fn, scale=float(document["scale"]), info=info)
+
+
+def arssr_runner(spec, tile=None, chunk=None) -> Runner:
+    """``[LABEL=]DIR_OR_NAME`` or a (module, params) pair; the label defaults to ArSSR-<encoder>."""
+    from arssr_jax.inference import upsample
+    from arssr_jax.weights import load_model
+
+    if isinstance(spec, tuple):
+        label, (module, params) = None, spec
+        source = "in memory"
+    else:
+        label, source = _split(str(spec), "=")
+        module, params, _ = load_model(source)
+    label = label or f"ArSSR-{module.config.encoder}"
+    pair = (module, params)
+    fn = lambda lr, shape: upsample(lr, pair, shape=shape, normalize=False, tile=tile, chunk=chunk)
+    return Runner(label, "arssr", fn, info={"source": str(source), "encoder": module.config.encoder})
+
+
+def _split(spec: str, separator: str) -> tuple[Optional[str], str]:
+    """'LABEL<sep>PATH' -> (LABEL, PATH); a bare PATH (or one that exists as given) -> (None, PATH)."""
+    if separator in spec and not Path(spec).exists():
+        label, rest = spec.split(separator, 1)
+        if label and rest:
+            return label, rest
+    return None, spec
+
+
+def unique_labels(runners: list[Runner]) -> None:
+    """Refuse two rows with the same label at one scale (their results would be merged)."""
+    seen = {}
+    for r in runners:
+        key = (r.label, r.scale)
+        if key in seen or (r.scale is None and any(k[0] == r.label for k in seen)) or (
+                r.scale is not None and (r.label, None) in seen):
+            raise ArSSRError(f"two models are labelled {r.label!r}; give distinct labels (LABEL=DIR for --arssr, "
+                             "NAME:DIR for --baseline)")
+        seen[key] = r

@@ -1,0 +1,162 @@
+"""The paper's table layout: rows = scale x model, columns = metrics.
+
+Outputs (all written atomically):
+
+* ``results.md``: one Markdown table, mean over volumes (``mean ± std`` when there
+  is more than one), and in simulated mode a second small table with the ground
+  truth's own no-reference scores;
+* ``results.csv``: one row per (scale, model): ``scale, model, kind, n_volumes`` then
+  ``<metric>, <metric>_std`` for every metric (Dice: the mean ``dice`` and each class
+  ``dice_csf``, ``dice_gm``, ``dice_wm``); the ground-truth row has an empty scale;
+* ``results_per_volume.csv``: the unaggregated records, one row per (volume, scale, model).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from arssr_jax.evaluation.protocol import GROUND_TRUTH, Results
+
+HEADINGS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psi": "PSI", "lpc_si": "LPC-SI", "dice": "Dice"}
+DIGITS = {"psnr": 2}
+DEFAULT_DIGITS = 4
+
+
+def metric_columns(results: Results) -> list[str]:
+    """Every numeric column of the records, in the order the metrics were chosen."""
+    columns = []
+    for m in results.metrics:
+        columns.append(m)
+        if m == "dice":
+            extra = sorted({k for r in results.records for k in r if k.startswith("dice_")})
+            columns.extend(extra)
+    return columns
+
+
+def _stats(values) -> tuple[float, float, int]:
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan"), int(v.size)
+
+
+def aggregate(results: Results) -> list[dict]:
+    """One dict per table row, in table order (ground truth first, then scale x model)."""
+    columns = metric_columns(results)
+    rows = []
+    keys = [(None, GROUND_TRUTH)] + [(s, m) for s in results.scales for m in results.models]
+    for scale, model in keys:
+        group = [r for r in results.records if r["model"] == model and r["scale"] == scale]
+        if not group:
+            continue
+        row = {"scale": scale, "model": model, "kind": group[0]["kind"],
+               "n_volumes": len({r["volume"] for r in group})}
+        for c in columns:
+            mean, std, _ = _stats(r.get(c) for r in group)
+            row[c], row[f"{c}_std"] = mean, std
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, metric, digits=None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    d = digits if digits is not None else DIGITS.get(metric, DEFAULT_DIGITS)
+    return f"{value:.{d}f}"
+
+
+def _cell(row, metric) -> str:
+    mean = row.get(metric)
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    if row["n_volumes"] > 1:
+        return f"{_fmt(mean, metric)} ± {_fmt(row[f'{metric}_std'], metric)}"
+    return _fmt(mean, metric)
+
+
+def markdown(results: Results, rows=None) -> str:
+    rows = aggregate(results) if rows is None else rows
+    n = len({r["volume"] for r in results.records})
+    lines = []
+    if results.mode == "simulated":
+        lines.append(f"Simulated LR ({results.degradation} degradation) from {n} HR volume{'s' * (n != 1)}; "
+                     "SR decoded onto the ground truth's grid. Higher is better for every metric.")
+    else:
+        lines.append(f"Real scans ({n} volume{'s' * (n != 1)}), no ground truth: no-reference sharpness only "
+                     "(higher = sharper; not a measure of fidelity).")
+    if n > 1:
+        lines.append("Values: mean ± standard deviation over volumes.")
+    lines.append("")
+    metrics = list(results.metrics)
+    main = [r for r in rows if r["model"] != GROUND_TRUTH]
+    lines.append("| Scale | Model | " + " | ".join(HEADINGS[m] for m in metrics) + " |")
+    lines.append("|---|---|" + "---:|" * len(metrics))
+    for r in main:
+        lines.append(f"| ×{r['scale']:g} | {r['model']} | " + " | ".join(_cell(r, m) for m in metrics) + " |")
+    truth = [r for r in rows if r["model"] == GROUND_TRUTH]
+    nr = [m for m in metrics if m in ("psi", "lpc_si")]
+    if truth and nr:
+        lines += ["", "Ground truth (HR) no-reference scores, for comparison:", "",
+                  "| | " + " | ".join(HEADINGS[m] for m in nr) + " |", "|---|" + "---:|" * len(nr),
+                  f"| {GROUND_TRUTH} | " + " | ".join(_cell(truth[0], m) for m in nr) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(results: Results, rows=None) -> str:
+    rows = aggregate(results) if rows is None else rows
+    columns = metric_columns(results)
+    header = ["scale", "model", "kind", "n_volumes"] + [x for c in columns for x in (c, f"{c}_std")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for r in rows:
+        values = ["" if r["scale"] is None else f"{r['scale']:g}", r["model"], r["kind"], r["n_volumes"]]
+        values += [_csv_number(r[c]) for c in header[4:]]
+        writer.writerow(values)
+    return buffer.getvalue()
+
+
+def per_volume_csv_text(results: Results) -> str:
+    columns = metric_columns(results)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["volume", "scale", "model", "kind"] + columns)
+    for r in results.records:
+        writer.writerow([r["volume"], "" if r["scale"] is None else f"{r['scale']:g}", r["model"], r["kind"]]
+                        + [_csv_number(r.get(c)) for c in columns])
+    return buffer.getvalue()
+
+
+def _csv_number(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(float(value))
+
+
+def write_atomic(path, text: str) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_tables(results: Results, out_dir) -> list[Path]:
+    out_dir = Path(out_dir)
+    rows = aggregate(results)
+    return [write_atomic(out_dir / "results.md", markdown(results, rows)),
+            write_atomic(out_dir / "results.csv", csv_text(results, rows)),
+            write_atomic(out_dir / "results_per_volume.csv", per_volume_csv_text(results))]

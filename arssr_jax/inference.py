@@ -1,0 +1,377 @@
+"""Whole-volume super-resolution: normalise, encode in tiles, decode in fixed-size chunks.
+
+The encoder runs once per tile (never once per HR slab as the reference CLI does).
+Tiles overlap by the encoder's receptive radius, so the tiled feature map equals the
+untiled one. Decoding walks the HR grid in chunks of a fixed number of voxels through
+one compiled function: the chunk's coordinates are computed inside it from the chunk's
+start index and the grid's index map, so no coordinate array of the whole grid exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arssr_jax import coords as grids
+from arssr_jax.errors import ArSSRError
+from arssr_jax.models import ArSSR, ModelConfig, decode, encode
+from arssr_jax.progress import progress_bar
+
+BYTES = 4  # float32
+
+
+# --------------------------------------------------------------------------- model sizes
+
+
+def receptive_radius(config: ModelConfig) -> int:
+    """Voxels an encoder output depends on along each axis, each side: its chain of 3^3 convs."""
+    options = {**_encoder_defaults(config.encoder), **dict(config.encoder_options)}
+    if config.encoder == "RDN":
+        return 4 + options["num_blocks"] * options["num_layers"]  # sfe1, sfe2, gff_1, output
+    if config.encoder == "ResCNN":
+        return 2 + options["num_blocks"] * options["convs_per_block"]
+    return 3 + 2 * options["num_blocks"]  # SRResNet: head, body_end, tail
+
+
+def _encoder_defaults(name: str) -> dict:
+    from arssr_jax.models import ENCODERS
+
+    module = ENCODERS[name]
+    return {f: getattr(module, f) for f in module.__dataclass_fields__ if f not in ("parent", "name")}
+
+
+def activation_bytes_per_voxel(config: ModelConfig) -> int:
+    """A generous bound on the encoder's live activations per voxel (XLA temporaries included)."""
+    o = {**_encoder_defaults(config.encoder), **dict(config.encoder_options)}
+    if config.encoder == "RDN":
+        channels = (o["num_blocks"] + 2) * o["num_features"] + o["num_layers"] * o["growth"] + config.feature_dim
+    else:
+        channels = 4 * o["num_features"] + config.feature_dim
+    return 2 * BYTES * channels
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def available_memory_bytes() -> int:
+    """Free memory of the default device: MemAvailable on a CPU host, free HBM on an accelerator."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+@dataclass(frozen=True)
+class Tile:
+    read: tuple  # slices of the LR volume the encoder sees (core + halo, clipped)
+    core: tuple  # slices of the LR volume this tile's output fills
+    crop: tuple  # slices of the tile's output that are its core
+
+
+def plan_tiles(shape, core, halo) -> list[Tile]:
+    """Cover ``shape`` with cores of ``core`` voxels per axis, each read with ``halo`` around it.
+
+    Every tile reads a window of the same size, min(n, core + 2 halo) per axis: windows at
+    the volume's edge are shifted inward rather than clipped, so one compiled encoder
+    serves all tiles. A shifted window still holds its core's whole receptive field, or
+    reaches the volume's true border, where the convolutions' zero padding applies.
+    """
+    per_axis = []
+    for n, c in zip(shape, core):
+        c = max(1, min(int(c), n))
+        window = min(n, c + 2 * halo)
+        axis = []
+        for start in range(0, n, c):
+            stop = min(start + c, n)
+            lo = min(max(0, start - halo), n - window)
+            axis.append((slice(lo, lo + window), slice(start, stop), slice(start - lo, stop - lo)))
+        per_axis.append(axis)
+    return [
+        Tile(*(tuple(part[k] for part in parts) for k in range(3)))
+        for index in np.ndindex(*[len(a) for a in per_axis])
+        for parts in [[per_axis[axis][i] for axis, i in enumerate(index)]]
+    ]
+
+
+def choose_tile_core(shape, halo, max_tile_voxels) -> tuple:
+    """The largest cubic core whose tile (core + halo, clipped to the volume) fits the budget."""
+    if math.prod(shape) <= max_tile_voxels:
+        return tuple(shape)
+    core = max(shape)
+    while core > 1 and math.prod(min(n, core + 2 * halo) for n in shape) > max_tile_voxels:
+        core = max(1, int(core * 0.85))
+    return (core,) * 3
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_one(model: ArSSR, params, volume):
+    return encode(model, params, volume[None, ..., None])[0]
+
+
+def encode_volume(model: ArSSR, params, volume, tile=None, max_tile_bytes=None, progress=False) -> np.ndarray:
+    """Feature map (X, Y, Z, F) of one LR volume (X, Y, Z), encoded tile by tile.
+
+    ``tile``: core size per axis (int or 3 ints); by default the largest that keeps one
+    tile's activations under ``max_tile_bytes`` (a quarter of free memory, at most 8 GiB).
+    """
+    config = model.config
+    halo = receptive_radius(config)
+    shape = volume.shape
+    if tile is None:
+        budget = max_tile_bytes or min(8 * 2**30, available_memory_bytes() // 4)
+        core = choose_tile_core(shape, halo, max(1, budget // activation_bytes_per_voxel(config)))
+    else:
+        core = (int(tile),) * 3 if np.ndim(tile) == 0 else tuple(int(t) for t in tile)
+    tiles = plan_tiles(shape, core, halo)
+    features = np.empty(shape + (config.feature_dim,), np.float32)
+    volume = np.asarray(volume, np.float32)
+    for t in progress_bar(tiles, desc="encode", unit="tile", enabled=progress and len(tiles) > 1):
+        out = _encode_one(model, params, jnp.asarray(volume[t.read]))
+        features[t.core] = np.asarray(out[t.crop])
+    return features
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _decode_chunk(model: ArSSR, params, features, to_normalised, hr_shape, chunk, start):
+    """Intensities of HR voxels start .. start + chunk - 1 (flat, row-major; clipped at the end)."""
+    total = math.prod(hr_shape)
+    flat = jnp.minimum(start + jnp.arange(chunk, dtype=jnp.int32), total - 1)
+    ijk = jnp.stack(jnp.unravel_index(flat, hr_shape), axis=-1).astype(jnp.float32)
+    coords = ijk @ to_normalised[:3, :3].T + to_normalised[:3, 3]
+    return decode(model, params, features[None], coords[None])[0, :, 0]
+
+
+def default_chunk() -> int:
+    return 2**20 if jax.default_backend() != "cpu" else 2**16
+
+
+def decode_grid(model: ArSSR, params, features, grid: grids.TargetGrid, chunk=None, progress=False) -> np.ndarray:
+    """Decode a feature map (X, Y, Z, F) at every voxel centre of ``grid`` -> (HR shape) float32."""
+    chunk = int(chunk or default_chunk())
+    if chunk < 1:
+        raise ArSSRError(f"--chunk must be a positive number of voxels, got {chunk}")
+    lr_shape = features.shape[:3]
+    to_normalised = jnp.asarray(grids.index_map_to_normalised(grid.index_map, lr_shape), jnp.float32)
+    features = jnp.asarray(features)
+    total = grid.num_voxels
+    chunk = min(chunk, total)
+    out = np.empty(total, np.float32)
+    starts = range(0, total, chunk)
+    pending = None  # keep one chunk in flight while the previous one is copied out
+    for start in progress_bar(starts, desc="decode", unit="chunk", enabled=progress):
+        values = _decode_chunk(model, params, features, to_normalised, tuple(grid.shape), chunk, start)
+        if pending is not None:
+            _store(out, *pending, total)
+        pending = (start, values)
+    if pending is not None:
+        _store(out, *pending, total)
+    return out.reshape(grid.shape)
+
+
+def _store(out, start, values, total):
+    n = min(len(values), total - start)
+    out[start : start + n] = np.asarray(values[:n])
+
+
+# --------------------------------------------------------------------------- the main job
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Min-max normalisation to [0, 1], the range the model was trained on; undone on output."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, volume) -> "Normalisation":
+        low, high = float(np.min(volume)), float(np.max(volume))
+        if not high > low:
+            raise ArSSRError(f"the input volume is constant ({low}); there is nothing to super-resolve")
+        return cls(low, high)
+
+    def apply(self, volume):
+        return (np.asarray(volume, np.float32) - self.low) / (self.high - self.low)
+
+    def undo(self, volume):
+        return np.asarray(volume, np.float32) * (self.high - self.low) + self.low
+
+
+def resolve_model(model, padding=None):
+    """(ArSSR module, params) from a spec (None = shipped default, a directory, a name) or a pair."""
+    if isinstance(model, tuple) and len(model) == 2:
+        module, params = model
+    else:
+        from arssr_jax.weights import load_model
+
+        module, params, _ = load_model(model)
+    if padding is not None and padding != module.config.padding:
+        module = ArSSR(module.config.replace(padding=padding))
+    return module, params
+
+
+def target_grid(lr_shape, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None):
+    """The HR grid from exactly one of scale, shape, voxel_size (with lr_voxel_size) or grid."""
+    given = [k for k, v in dict(scale=scale, shape=shape, voxel_size=voxel_size, grid=grid).items() if v is not None]
+    if len(given) != 1:
+        raise ArSSRError(f"give exactly one of scale, shape, voxel_size or grid (got {', '.join(given) or 'none'})")
+    if scale is not None:
+        return grids.grid_for_scale(lr_shape, scale)
+    if shape is not None:
+        return grids.grid_for_shape(lr_shape, shape)
+    if voxel_size is not None:
+        if lr_voxel_size is None:
+            raise ArSSRError("voxel_size needs the input's voxel size (lr_voxel_size), e.g. from its affine")
+        return grids.grid_for_voxel_size(lr_shape, lr_voxel_size, voxel_size)
+    return grid
+
+
+MAX_OUTPUT_VOXELS = 2**31 - 1
+
+
+def check_fits_in_memory(lr_shape, grid: grids.TargetGrid, config: ModelConfig, what="the output") -> None:
+    """Refuse before allocating when the output, the feature map and a tile would not fit."""
+    if grid.num_voxels > MAX_OUTPUT_VOXELS:
+        raise ArSSRError(
+            f"{what} would have {grid.num_voxels:,} voxels ({'x'.join(map(str, grid.shape))}); "
+            "that is more than one volume can hold: use a smaller scale or a larger voxel size"
+        )
+    needed = BYTES * (grid.num_voxels + 2 * math.prod(lr_shape) * config.feature_dim)
+    available = available_memory_bytes()
+    if needed > 0.8 * available:
+        raise ArSSRError(
+            f"{what} ({'x'.join(map(str, grid.shape))} voxels) and the feature map need about {_gib(needed)} "
+            f"but only {_gib(available)} is free: use a smaller scale or voxel size, or crop the input"
+        )
+
+
+def upsample(
+    volume,
+    model=None,
+    *,
+    scale=None,
+    shape=None,
+    voxel_size=None,
+    lr_voxel_size=None,
+    grid=None,
+    normalize=True,
+    padding=None,
+    chunk=None,
+    tile=None,
+    progress=False,
+) -> np.ndarray:
+    """Super-resolve a 3D array (nibabel order) onto the grid given by exactly one of:
+
+    - ``scale``: one factor or three; int(n * s) voxels per axis (the reference's grid);
+    - ``shape``: an exact HR shape over the same field of view;
+    - ``voxel_size`` (mm, one or three) with the input's ``lr_voxel_size``;
+    - ``grid``: a :class:`arssr_jax.coords.TargetGrid` (e.g. from ``grid_like``).
+
+    ``model``: None (the shipped default model), a model directory, a training workdir,
+    a shipped name, or a ``(module, params)`` pair. ``normalize``: min-max the input to
+    [0, 1] and restore its range on output (off: intensities are fed as they are).
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ArSSRError(f"upsample takes a 3D volume, got shape {volume.shape}")
+    if not np.all(np.isfinite(volume)):
+        raise ArSSRError(f"the input volume has {int(np.sum(~np.isfinite(volume)))} NaN/Inf voxels; fix or mask them")
+    grid = target_grid(volume.shape, scale=scale, shape=shape, voxel_size=voxel_size, lr_voxel_size=lr_voxel_size, grid=grid)
+    module, params = resolve_model(model, padding)
+    check_fits_in_memory(volume.shape, grid, module.config)
+    norm = Normalisation.of(volume) if normalize else None
+    lr = norm.apply(volume) if norm else np.asarray(volume, np.float32)
+    features = encode_volume(module, params, lr, tile=tile, progress=progress)
+    hr = decode_grid(module, params, features, grid, chunk=chunk, progress=progress)
+    return norm.undo(hr) if norm else hr
+
+
+def upsample_nifti(
+    in_path,
+    out_path,
+    model=None,
+    *,
+    scale=None,
+    voxel_size=None,
+    like=None,
+    volume_index=None,
+    normalize=True,
+    padding=None,
+    chunk=None,
+    tile=None,
+    progress=False,
+):
+    """Read a NIfTI, super-resolve it onto the chosen grid and write it atomically.
+
+    Exactly one of ``scale`` (one or three factors), ``voxel_size`` (mm, one or three) or
+    ``like`` (path of an image whose grid, any affine, is decoded onto directly).
+    Returns the written :class:`arssr_jax.nifti.Volume`.
+    """
+    from arssr_jax import nifti
+
+    given = [k for k, v in dict(scale=scale, voxel_size=voxel_size, like=like).items() if v is not None]
+    if len(given) != 1:
+        raise ArSSRError(f"give exactly one of --scale, --voxel-size or --like (got {', '.join(given) or 'none'})")
+    nifti.check_output_path(out_path, in_path)
+    if like is not None and os.path.realpath(like) == os.path.realpath(out_path):
+        raise ArSSRError(f"output {out_path} is the --like image; write to another path")
+    lr = nifti.load(in_path, volume_index=volume_index)
+    if like is not None:
+        reference = _load_grid_of(like)
+        grid = grids.grid_like(lr.affine, reference.shape, reference.affine)
+    elif scale is not None:
+        grid = grids.grid_for_scale(lr.shape, scale)
+    else:
+        grid = grids.grid_for_voxel_size(lr.shape, lr.voxel_size, voxel_size)
+    hr = upsample(
+        lr.data, model, grid=grid, normalize=normalize, padding=padding, chunk=chunk, tile=tile, progress=progress
+    )
+    result = nifti.Volume(hr, grid.affine(lr.affine), lr.header)
+    nifti.save(result, out_path, like_header=lr.header)
+    return result
+
+
+def _load_grid_of(path):
+    """Shape and affine of an image without reading its voxels."""
+    import nibabel as nib
+
+    if not os.path.isfile(path):
+        raise ArSSRError(f"--like image {path} does not exist; give the path of the image whose grid to use")
+    try:
+        image = nib.load(path)
+    except Exception as error:
+        raise ArSSRError(f"--like image {path} is not a readable NIfTI ({type(error).__name__})") from None
+    if len(image.shape) < 3:
+        raise ArSSRError(f"--like image {path} is {len(image.shape)}D; it needs a 3D grid")
+    return _Grid(tuple(image.shape[:3]), image.affine)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    shape: tuple
+    affine: np.ndarray

@@ -1,0 +1,30 @@
+"""Training: configs, the train state, pure steps, data parallelism, checkpoints, the loop.
+
+```python
+from arssr_jax.training import cpu_small, train
+result = train(cpu_small(), "runs/small", steps=200)
+```
+"""
+
+from arssr_jax.training.checkpoints import CheckpointStore, load_inference_params
+from arssr_jax.training.config import (
+    OptimConfig,
+    TrainConfig,
+    ValidationConfig,
+    cpu_small,
+    load_config,
+    paper,
+    sample_volume_path,
+    save_config,
+)
+from arssr_jax.training.loop import TrainResult, train
+from arssr_jax.training.parallel import DistributedConfig, initialize, replicate, shard, unreplicate
+from arssr_jax.training.state import TrainState, create_train_state, make_optimizer
+from arssr_jax.training.step import Validator, l1_loss, make_train_step
+
+__all__ = [
+    "CheckpointStore", "load_inference_params", "OptimConfig", "TrainConfig", "ValidationConfig", "cpu_small",
+    "load_config", "paper", "sample_volume_path", "save_config", "TrainResult", "train", "DistributedConfig",
+    "initialize", "replicate", "shard", "unreplicate", "TrainState", "create_train_state", "make_optimizer",
+    "Validator", "l1_loss", "make_train_step",
+]

@@ -1,0 +1,138 @@
+"""Orbax checkpoints of a training run: ``WORKDIR/checkpoints/<step>/``.
+
+Each checkpoint holds two items: ``state`` (the :class:`TrainState` as a dict: params,
+optimiser state, step, PRNG key; numpy arrays) and ``data`` (the input iterator's JSON
+state, ``{"step", "seed", "batch_size"}``, independent of the process layout, so a run
+can resume on a different number of processes or devices), plus orbax's ``metrics``
+(``val_l1``, ``val_psnr``) when validation ran at that step.
+
+Kept: the last ``keep_last`` checkpoints and the one with the lowest validation L1.
+Saves are synchronous and atomic: orbax writes into a temporary directory and renames
+it only once everything is on disk, so a crash mid-save never touches the last good
+checkpoint (leftover temporary directories are removed when the store is reopened).
+
+:func:`load_inference_params` gives ``(ModelConfig, params)`` from a workdir's best
+checkpoint (else its latest), which is how ``--model WORKDIR`` loads a training run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from arssr_jax.errors import ArSSRError
+from arssr_jax.training.state import TrainState, to_host
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "val_l1"
+
+# orbax logs every save at INFO/WARNING through absl; keep the console for our progress bar.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class CheckpointStore:
+    """The checkpoints of one workdir (an orbax CheckpointManager with our keep rules)."""
+
+    def __init__(self, workdir, keep_last: int = 3, read_only: bool = False):
+        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        if read_only and not self.directory.is_dir():
+            raise ArSSRError(f"{workdir} has no {CHECKPOINT_DIR}/ folder; it is not a training workdir")
+        policy = checkpoint_managers.AnyPreservationPolicy([
+            checkpoint_managers.LatestN(n=int(keep_last)),
+            checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+                                      keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            best_fn=lambda m: m[BEST_METRIC], best_mode="min",  # also makes orbax write the metrics
+            preservation_policy=policy,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+
+    # -- queries -----------------------------------------------------------------
+    def all_steps(self) -> list:
+        return list(self.manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def best_step(self) -> Optional[int]:
+        """The step with the lowest validation L1, or None when no checkpoint has one."""
+        with_metrics = [s for s in self.all_steps() if self.metrics(s)]
+        if not with_metrics:
+            return None
+        return min(with_metrics, key=lambda s: (self.metrics(s)[BEST_METRIC], -s))
+
+    def metrics(self, step: int) -> Optional[dict]:
+        return self.manager.metrics(step)
+
+    # -- save / restore ------------------------------------------------------------
+    def save(self, step: int, state: TrainState, data_state: Optional[dict] = None,
+             metrics: Optional[dict] = None) -> None:
+        """Write checkpoint ``step`` (every process must call this in a multi-process run)."""
+        items = {"state": ocp.args.StandardSave(to_host(state.to_dict())),
+                 "data": ocp.args.JsonSave(dict(data_state or {}))}
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()
+                                                if isinstance(v, (int, float, np.floating))}
+        self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, target: TrainState) -> Tuple[TrainState, dict]:
+        """(state, data iterator state) of checkpoint ``step``, shaped like ``target``."""
+        abstract = to_host(target.to_dict())
+        try:
+            restored = self.manager.restore(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ArSSRError(f"checkpoint {self.directory / str(step)} does not fit this run's model/optimiser "
+                             f"({str(error).splitlines()[0][:200]}); resume with the config it was made with") from None
+        return TrainState.from_dict(restored["state"]), dict(restored["data"] or {})
+
+    def restore_params(self, step: int) -> dict:
+        """Only the model parameters of checkpoint ``step`` (numpy, as saved)."""
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return _numpy_tree(restored["state"]["params"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _numpy_tree(tree):
+    if isinstance(tree, dict):
+        return {k: _numpy_tree(v) for k, v in tree.items()}
+    return np.asarray(tree, dtype=np.float32)
+
+
+def load_inference_params(workdir, step: Optional[int] = None):
+    """(ModelConfig, params) of a training workdir: checkpoint ``step``, else the best by
+    validation L1, else the latest."""
+    from arssr_jax.training.config import CONFIG_FILE, load_config
+    from arssr_jax.weights.model_dir import check_params
+
+    workdir = Path(workdir)
+    if not (workdir / CONFIG_FILE).is_file():
+        raise ArSSRError(f"{workdir} has no {CONFIG_FILE}; it is not a training workdir made by `arssr-jax train`")
+    config = load_config(workdir / CONFIG_FILE)
+    store = CheckpointStore(workdir, read_only=True)
+    try:
+        if step is None:
+            step = store.best_step()
+            if step is None:
+                step = store.latest_step()
+        if step is None:
+            raise ArSSRError(f"{workdir} has no checkpoint yet; train longer (checkpoints are written at each validation)")
+        if step not in store.all_steps():
+            raise ArSSRError(f"{workdir} has no checkpoint at step {step}; it has {store.all_steps()}")
+        params = store.restore_params(step)
+    finally:
+        store.close()
+    check_params(config.model, params, f"{workdir} (step {step})")
+    return config.model, params

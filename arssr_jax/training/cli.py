@@ -1,0 +1,62 @@
+"""``arssr-jax train``: register with ``add_subcommand(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+
+from arssr_jax.errors import ArSSRError
+
+
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="train an ArSSR model (or resume a run)",
+        description="Train ArSSR on HR NIfTI volumes. Re-running with the same --workdir resumes from its "
+        "latest checkpoint. The workdir then serves as a model: arssr-jax upsample --model WORKDIR.",
+    )
+    parser.add_argument("--config", default=None,
+                        help="paper, cpu_small, a .json config (e.g. a workdir's config.json) or a .py file with "
+                        "get_config(); default: the workdir's saved config, else cpu_small")
+    parser.add_argument("--workdir", required=True, help="folder for config.json, log.jsonl and checkpoints/")
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="training volumes: a folder of *.nii[.gz], a text file listing one path per line, or "
+                        "NIfTI files (default: the config's; cpu_small uses nilearn's MNI152 template, else "
+                        "nibabel's anatomical.nii)")
+    parser.add_argument("--val-data", nargs="+", default=None,
+                        help="validation volumes (default: the config's; if none, patches of the training volumes)")
+    parser.add_argument("--steps", type=int, default=None, help="total steps (overrides the config's epochs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or console lines")
+    group = parser.add_argument_group("multi-process (one command per process; or ARSSR_* environment variables)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    group.add_argument("--num-processes", type=int, default=None)
+    group.add_argument("--process-id", type=int, default=None)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args) -> None:
+    """Run ``arssr-jax train``; user errors raise ArSSRError."""
+    from pathlib import Path
+
+    from arssr_jax.training.parallel import DistributedConfig, initialize
+
+    distributed = DistributedConfig.from_env(coordinator_address=args.coordinator,
+                                             num_processes=args.num_processes, process_id=args.process_id)
+    initialize(distributed)  # before anything touches a JAX backend
+
+    from arssr_jax.training.config import CONFIG_FILE, load_config
+    from arssr_jax.training.loop import train
+
+    if args.steps is not None and args.steps < 1:
+        raise ArSSRError(f"--steps {args.steps}: give a positive number of steps")
+    spec = args.config
+    if spec is None:
+        saved = Path(args.workdir) / CONFIG_FILE
+        spec = saved if saved.is_file() else "cpu_small"
+    config = load_config(spec)
+    if args.data:
+        config = config.with_data_paths(tuple(args.data))
+    if args.val_data:
+        config = config.with_val_paths(tuple(args.val_data))
+    if args.steps is None and config.steps is not None and (Path(args.workdir) / CONFIG_FILE).is_file():
+        pass  # resuming keeps the saved run length
+    train(config, args.workdir, steps=args.steps, quiet=args.quiet)

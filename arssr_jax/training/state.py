@@ -1,0 +1,75 @@
+"""The train state (parameters, optimiser state, step, PRNG key) and the optimiser."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from arssr_jax.models import ArSSR, init_params
+from arssr_jax.training.config import OptimConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Arrays only, so it maps, replicates and checkpoints as a plain pytree.
+
+    step:      int32 scalar, number of updates applied.
+    params:    the model's parameters.
+    opt_state: optax state.
+    rng:       a raw uint32[2] PRNG key, split once per step (reserved for stochastic
+               layers; the step itself is deterministic).
+    """
+
+    step: Any
+    params: Any
+    opt_state: Any
+    rng: Any
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainState":
+        return cls(step=values["step"], params=values["params"], opt_state=values["opt_state"], rng=values["rng"])
+
+
+def learning_rate_schedule(optim: OptimConfig, steps_per_epoch: int) -> Callable:
+    """lr * decay_factor ** floor(step / (decay_every_epochs * steps_per_epoch))."""
+    every = max(1, int(round(optim.decay_every_epochs * steps_per_epoch)))
+    return optax.exponential_decay(optim.learning_rate, transition_steps=every,
+                                   decay_rate=optim.decay_factor, staircase=True)
+
+
+def make_optimizer(optim: OptimConfig, steps_per_epoch: int) -> Tuple[optax.GradientTransformation, Callable]:
+    """(Adam with the step schedule [after optional global-norm clipping], the schedule)."""
+    schedule = learning_rate_schedule(optim, steps_per_epoch)
+    adam = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    if optim.clip_grad_norm is not None:
+        adam = optax.chain(optax.clip_by_global_norm(optim.clip_grad_norm), adam)
+    return adam, schedule
+
+
+def create_train_state(model: ArSSR, tx: optax.GradientTransformation, seed: int,
+                       lr_shape=(4, 4, 4)) -> TrainState:
+    """A fresh state: parameters from ``seed``, Adam moments at zero, step 0.
+
+    Built in one jitted call (eager initialisation compiles every op separately: slow).
+    """
+
+    def build(key):
+        init_key, state_key = jax.random.split(key)
+        params = init_params(model, init_key, tuple(lr_shape))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=state_key)
+
+    return jax.jit(build)(jax.random.PRNGKey(int(seed)))
+
+
+def to_host(tree):
+    """A pytree of numpy arrays (device arrays fetched)."""
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Evaluate ArSSR models and baselines: tables (results.md, results.csv) and figures.
+
+Thin entry point; the logic lives in ``arssr_jax.evaluation`` (see ``--help`` and
+``python eval/evaluate.py train-baseline --help``).
+"""
+
+import sys
+
+from arssr_jax.evaluation.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Whole-volume super-resolution: equality with the reference, geometry, tiling, bad input."""
+
+import os
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nibabel.affines import apply_affine
+
+from arssr_jax import inference
+from arssr_jax.cli import main
+from arssr_jax.coords import grid_for_scale, grid_for_voxel_size, grid_like, make_grid
+from arssr_jax.inference import encode_volume, upsample, upsample_nifti
+from arssr_jax.models import ModelConfig, build_model, init_params, predict
+from arssr_jax.weights import convert_state_dict, save_model
+from torch_reference import make_reference
+
+TINY = ModelConfig(
+    encoder="RDN", feature_dim=8, decoder_depth=4, decoder_width=16,
+    encoder_options={"num_blocks": 2, "num_layers": 2, "num_features": 8, "growth": 8},
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = build_model(TINY)
+    params = init_params(model, jax.random.key(0))
+    # A positive output bias so the (ReLU) output is never trivially zero.
+    params["decoder"]["stage_two_1"]["bias"] = params["decoder"]["stage_two_1"]["bias"] + 0.3
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    return str(save_model(tmp_path_factory.mktemp("m") / "tiny", TINY, tiny[1]))
+
+
+def rng_volume(shape, seed=0):
+    return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+# ------------------------------------------------------------------- equals the reference
+
+
+@pytest.mark.parametrize("encoder", ["ResCNN", "RDN"])
+def test_upsample_equals_the_reference_mirror(encoder):
+    reference = make_reference(encoder, seed=5)
+    config, params = convert_state_dict({k: v.numpy() for k, v in reference.state_dict().items()}, encoder)
+    volume = rng_volume((7, 9, 11))
+    ours = upsample(volume, (build_model(config), params), scale=2.5, normalize=False, chunk=97)
+    hr = tuple(int(n * 2.5) for n in volume.shape)
+    assert ours.shape == hr
+    with torch.no_grad():  # the reference sees the transposed (SimpleITK-order) volume
+        out = reference(torch.from_numpy(volume.T.copy())[None, None], torch.from_numpy(make_grid(hr[::-1]))[None])
+    expected = out.numpy()[0, :, 0].reshape(hr[::-1]).T
+    assert expected.std() > 1e-4
+    assert np.abs(ours - expected).max() / np.abs(expected).max() <= 1e-5
+
+
+def test_integer_scale_grid_is_the_reference_grid():
+    grid = grid_for_scale((10, 12, 7), 2)
+    from arssr_jax.coords import index_map_to_normalised
+
+    ijk = np.stack(np.meshgrid(*[np.arange(m) for m in grid.shape], indexing="ij"), -1).reshape(-1, 3)
+    coords = apply_affine(index_map_to_normalised(grid.index_map, (10, 12, 7)), ijk)
+    np.testing.assert_allclose(coords, make_grid((20, 24, 14)), atol=1e-6)
+
+
+# ------------------------------------------------------------------- geometry
+
+
+def oblique_affine():
+    angle = 0.3
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([2.0, 1.5, 3.0])
+    affine[:3, 3] = [-40.0, 12.0, 7.5]
+    return affine
+
+
+@pytest.mark.parametrize("scale", [2.0, 3.2, (2.0, 1.5, 3.0)])
+def test_output_affine_places_voxels_where_they_were_sampled(scale):
+    lr_shape, lr_affine = (10, 11, 7), oblique_affine()
+    grid = grid_for_scale(lr_shape, scale)
+    hr_affine = grid.affine(lr_affine)
+    scales = np.broadcast_to(scale, (3,))
+    for axis, (n, m, s) in enumerate(zip(lr_shape, grid.shape, scales)):
+        assert m == int(n * s)
+        # The first HR centre lies half an HR voxel inside the LR field of view's face...
+        first = np.zeros(3)
+        lr_index = np.linalg.solve(lr_affine, np.append(apply_affine(hr_affine, first), 1))[:3]
+        assert lr_index[axis] == pytest.approx(-0.5 + 0.5 * n / m)
+        # ...so with s integer it is (s - 1) / (2 s) LR voxels before the first LR centre.
+        if float(s).is_integer():
+            assert lr_index[axis] == pytest.approx(-(s - 1) / (2 * s))
+        # and the HR spacing is n * spacing / m, not spacing / s.
+        lr_spacing = np.linalg.norm(lr_affine[:3, axis])
+        assert np.linalg.norm(hr_affine[:3, axis]) == pytest.approx(n * lr_spacing / m)
+    # The outer faces of both grids coincide: the field of view is unchanged.
+    lr_far = apply_affine(lr_affine, np.array(lr_shape) - 0.5)
+    hr_far = apply_affine(hr_affine, np.array(grid.shape) - 0.5)
+    np.testing.assert_allclose(lr_far, hr_far, atol=1e-9)
+
+
+def test_voxel_size_grid_has_that_voxel_size_and_the_same_centre():
+    lr_shape, lr_affine = (10, 11, 7), oblique_affine()
+    grid = grid_for_voxel_size(lr_shape, [2.0, 1.5, 3.0], [0.7, 0.7, 1.1])
+    hr_affine = grid.affine(lr_affine)
+    np.testing.assert_allclose(np.linalg.norm(hr_affine[:3, :3], axis=0), [0.7, 0.7, 1.1])
+    centre = lambda a, shape: apply_affine(a, (np.array(shape) - 1) / 2)
+    np.testing.assert_allclose(centre(lr_affine, lr_shape), centre(hr_affine, grid.shape), atol=1e-9)
+
+
+def test_like_decodes_directly_on_an_oblique_grid(tiny):
+    model, params = tiny
+    volume = rng_volume((9, 10, 8), seed=2)
+    lr_affine = oblique_affine()
+    ref_affine = lr_affine @ np.array(
+        [[0.4, 0.1, 0.0, 1.2], [-0.1, 0.45, 0.05, 0.7], [0.0, 0.0, 0.5, 1.9], [0, 0, 0, 1]]
+    )
+    grid = grid_like(lr_affine, (7, 6, 5), ref_affine)
+    np.testing.assert_allclose(grid.affine(lr_affine), ref_affine, atol=1e-12)
+    ours = upsample(volume, tiny, grid=grid, normalize=False, chunk=50)
+    # Independent route: world point of each target voxel -> LR index -> normalised -> predict.
+    ijk = np.stack(np.meshgrid(*[np.arange(m) for m in (7, 6, 5)], indexing="ij"), -1).reshape(-1, 3)
+    lr_index = apply_affine(np.linalg.inv(lr_affine), apply_affine(ref_affine, ijk))
+    coords = (2 * lr_index + 1) / np.array(volume.shape) - 1
+    expected = np.asarray(predict(model, params, volume[None, ..., None], coords[None].astype(np.float32)))
+    np.testing.assert_allclose(ours.ravel(), expected[0, :, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_like_with_an_upsampled_grid_equals_scale(tiny, tmp_path):
+    lr_affine = oblique_affine()
+    volume = rng_volume((8, 9, 7), seed=3) * 300 + 20
+    nib.save(nib.Nifti1Image(volume, lr_affine), tmp_path / "lr.nii.gz")
+    model_dir = str(save_model(tmp_path / "model", TINY, tiny[1]))
+    by_scale = upsample_nifti(tmp_path / "lr.nii.gz", tmp_path / "s.nii.gz", model_dir, scale=2.0)
+    nib.save(nib.Nifti1Image(np.zeros(by_scale.shape, np.float32), by_scale.affine), tmp_path / "ref.nii.gz")
+    by_like = upsample_nifti(tmp_path / "lr.nii.gz", tmp_path / "l.nii.gz", model_dir, like=tmp_path / "ref.nii.gz")
+    np.testing.assert_allclose(by_like.data, by_scale.data, rtol=1e-5, atol=1e-4)
+    written = nib.load(tmp_path / "s.nii.gz")
+    np.testing.assert_allclose(written.affine, by_scale.affine, atol=1e-5)
+    np.testing.assert_allclose(written.get_fdata(), by_scale.data, rtol=1e-6)
+
+
+def test_normalisation_restores_the_input_range(tiny):
+    volume = rng_volume((8, 8, 8), seed=4)
+    volume[0, 0, 0], volume[1, 1, 1] = 0.0, 1.0  # exact [0, 1] range: normalisation is the identity
+    raw = upsample(volume, tiny, scale=2, normalize=False)
+    scaled = upsample(volume * 1000 + 50, tiny, scale=2)
+    np.testing.assert_allclose(scaled, raw * 1000 + 50, rtol=1e-5, atol=1e-2)
+
+
+# ------------------------------------------------------------------- efficiency
+
+
+@pytest.mark.parametrize(
+    "config",
+    [TINY, ModelConfig(encoder="ResCNN", feature_dim=4, decoder_depth=4, decoder_width=8,
+                       encoder_options={"num_blocks": 2, "convs_per_block": 2, "num_features": 4}),
+     ModelConfig(encoder="SRResNet", feature_dim=4, decoder_depth=4, decoder_width=8,
+                 encoder_options={"num_blocks": 2, "num_features": 4})],
+    ids=["RDN", "ResCNN", "SRResNet"],
+)
+def test_tiled_encoding_equals_untiled(config):
+    model = build_model(config)
+    params = init_params(model, jax.random.key(1))
+    volume = rng_volume((28, 26, 12), seed=5)
+    tiles = inference.plan_tiles(volume.shape, (6, 5, 12), inference.receptive_radius(config))
+    assert len(tiles) == 30 and tiles[0].read[0].stop < 28 and tiles[0].read[1].stop < 26  # real halos
+    before = inference._encode_one._cache_size()
+    tiled = encode_volume(model, params, volume, tile=(6, 5, 12))
+    assert inference._encode_one._cache_size() == before + 1  # one shape for every tile
+    whole = encode_volume(model, params, volume)
+    assert np.abs(tiled - whole).max() / np.abs(whole).max() <= 1e-5
+
+
+def test_receptive_radius_is_exact():
+    """Perturbing one voxel changes features exactly within the receptive radius."""
+    model = build_model(TINY)
+    params = init_params(model, jax.random.key(2))
+    volume = rng_volume((25, 9, 9), seed=6)
+    bumped = volume.copy()
+    bumped[12, 4, 4] += 1.0
+    diff = np.abs(encode_volume(model, params, bumped) - encode_volume(model, params, volume)).max(axis=(1, 2, 3))
+    changed = np.nonzero(diff > 0)[0]
+    radius = inference.receptive_radius(TINY)
+    assert changed.min() == 12 - radius and changed.max() == 12 + radius
+
+
+def test_decoding_compiles_once_for_all_chunks(tiny):
+    volume = rng_volume((6, 7, 8), seed=7)
+    grid = grid_for_scale(volume.shape, 2.7)
+    features = encode_volume(*tiny, volume)
+    before = inference._decode_chunk._cache_size()
+    chunked = inference.decode_grid(*tiny, features, grid, chunk=333)  # does not divide the total
+    assert inference._decode_chunk._cache_size() == before + 1
+    whole = inference.decode_grid(*tiny, features, grid, chunk=grid.num_voxels)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------- bad input via the CLI
+
+
+@pytest.fixture
+def lr_file(tmp_path):
+    path = tmp_path / "lr.nii.gz"
+    nib.save(nib.Nifti1Image(rng_volume((8, 9, 7)), np.diag([2.0, 2.0, 2.0, 1.0])), path)
+    return path
+
+
+def run_cli_error(capsys, args, out, match):
+    assert main(["upsample", *map(str, args), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "error" in err and match in err, err
+    assert not os.path.exists(out)
+    folder = os.path.dirname(out) or "."
+    assert not os.path.isdir(folder) or not [p for p in os.listdir(folder) if ".tmp" in p]
+
+
+def test_cli_writes_output(capsys, lr_file, tiny_dir, tmp_path):
+    out = tmp_path / "hr.nii.gz"
+    assert main(["upsample", str(lr_file), str(out), "--scale", "2", "1.5", "3", "--model", tiny_dir]) == 0
+    image = nib.load(out)
+    assert image.shape == (16, 13, 21)
+    np.testing.assert_allclose(image.header.get_zooms(), [1.0, 2 * 9 / 13, 2 * 7 / 21], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "no such file"),
+        ("not_nifti", "lr.nii"),
+        ("two_d", "2D"),
+        ("four_d", "--volume-index"),
+        ("nan", "NaN"),
+        ("zero_scale", "positive"),
+        ("nan_scale", "finite"),
+        ("huge", "voxels"),
+        ("no_parent", "does not exist"),
+        ("same_path", "input"),
+    ],
+)
+def test_cli_bad_input(case, match, capsys, tmp_path, lr_file, tiny_dir):
+    out, src, extra = tmp_path / "out.nii.gz", lr_file, ["--scale", "2"]
+    bad = tmp_path / "bad.nii"
+    if case == "missing":
+        src = tmp_path / "absent.nii.gz"
+    elif case == "not_nifti":
+        bad.write_text("not an image")
+        src, match = bad, "bad.nii"
+    elif case == "two_d":
+        nib.save(nib.Nifti1Image(rng_volume((8, 9)), np.eye(4)), bad)
+        src = bad
+    elif case == "four_d":
+        nib.save(nib.Nifti1Image(rng_volume((8, 9, 7, 2)), np.eye(4)), bad)
+        src = bad
+    elif case == "nan":
+        data = rng_volume((8, 9, 7))
+        data[1, 2, 3] = np.nan
+        nib.save(nib.Nifti1Image(data, np.eye(4)), bad)
+        src = bad
+    elif case == "zero_scale":
+        extra = ["--scale", "0"]
+    elif case == "nan_scale":
+        extra = ["--scale", "nan"]
+    elif case == "huge":
+        extra = ["--scale", "10000"]
+    elif case == "no_parent":
+        out = tmp_path / "missing" / "out.nii.gz"
+    elif case == "same_path":
+        out = lr_file
+    args = [src, out, *extra, "--model", tiny_dir]
+    if case == "same_path":
+        assert main(["upsample", *map(str, args), "--quiet"]) == 2
+        assert match in capsys.readouterr().err
+        return
+    run_cli_error(capsys, args, str(out), match)
+
+
+def test_four_d_with_volume_index(capsys, tmp_path, tiny_dir):
+    data = rng_volume((8, 9, 7, 2))
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "4d.nii.gz")
+    out = tmp_path / "o.nii.gz"
+    assert main(["upsample", str(tmp_path / "4d.nii.gz"), str(out), "--scale", "2", "--volume-index", "1",
+                 "--model", tiny_dir, "--quiet"]) == 0
+    assert nib.load(out).shape == (16, 18, 14)
+
+
+def test_missing_model_is_a_clear_error(capsys, lr_file, tmp_path):
+    run_cli_error(capsys, [lr_file, tmp_path / "o.nii.gz", "--scale", "2", "--model", tmp_path / "nope"],
+                  str(tmp_path / "o.nii.gz"), "not found")
