@@ -33,7 +33,7 @@ import numpy as np
 from arssr_jax import metrics as M
 from arssr_jax.errors import ArSSRError
 from arssr_jax.evaluation.runners import Runner
-from arssr_jax.evaluation.simulate import lr_shape_for, simulate_lr
+from arssr_jax.evaluation.simulate import simulate_lr
 
 METRICS = ("psnr", "ssim", "psi", "lpc_si", "dice")
 NO_REFERENCE = ("psi", "lpc_si")
@@ -234,5 +234,4 @@ def _short(name: str) -> str:
 
 
 __all__ = ["METRICS", "NO_REFERENCE", "PAPER_SCALES", "GROUND_TRUTH", "FigureCase", "Results", "check_scales",
-           "check_metrics", "evaluate_simulated", "evaluate_real", "reference_scores", "no_reference_scores",
-           "lr_shape_for"]
+           "check_metrics", "evaluate_simulated", "evaluate_real", "reference_scores", "no_reference_scores"]

@@ -354,9 +354,10 @@ def make_training_pairs(hr_volumes, scale: float, degradation: str = "centred") 
 
 def _random_patches(pairs, patch: int, batch: int, rng: np.random.Generator):
     xs, ys = [], []
+    # One patch shape for the whole batch: patch^3, cut down to the smallest volume.
+    size = [min([patch] + [y.shape[a] for _, y in pairs]) for a in range(3)]
     for _ in range(batch):
         x, y = pairs[int(rng.integers(len(pairs)))]
-        size = [min(patch, n) for n in y.shape]
         start = [int(rng.integers(0, n - s + 1)) for n, s in zip(y.shape, size)]
         region = tuple(slice(a, a + s) for a, s in zip(start, size))
         xs.append(x[region])
@@ -401,7 +402,7 @@ def train_baseline(name: str, hr_volumes, scale: float, steps: int, *, options: 
     from tqdm.auto import tqdm
 
     losses = []
-    bar = tqdm(range(steps), desc=f"train {name} x{scale:g}", disable=not progress)
+    bar = tqdm(range(steps), desc=f"train {name} x{scale:g}", disable=None if progress else True)
     for t in bar:
         x, y = _random_patches(pairs, patch_size, batch_size, rng)
         params, opt_state, loss = step(params, opt_state, jnp.asarray(x), jnp.asarray(y))

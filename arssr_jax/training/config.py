@@ -90,6 +90,12 @@ class TrainConfig:
                     has its own ``data.seed``).
     log_every:      steps between JSONL log records (losses are averaged over them).
     keep_last:      recent checkpoints kept, besides the best by validation L1.
+    init_output:    None keeps the model's initialisation; a value v zeroes the decoder's
+                    last layer's weights and sets its bias to v, so training starts from
+                    the prediction v everywhere with the final ReLU active. (With random
+                    last-layer weights, the final ReLU is closed for every input about half
+                    the time: the non-negative hidden activations make the output's sign
+                    nearly constant, and such a model never trains.)
     """
 
     name: str = "custom"
@@ -102,6 +108,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     keep_last: int = 3
+    init_output: Optional[float] = None
 
     # -- derived quantities ----------------------------------------------------
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -229,6 +236,7 @@ def paper(data_paths=(), val_paths=()) -> TrainConfig:
         epochs=2500,
         log_every=50,
         keep_last=3,
+        init_output=0.5,
     )
 
 
@@ -255,6 +263,7 @@ def cpu_small(data_paths=None, val_paths=()) -> TrainConfig:
         epochs=8,
         log_every=10,
         keep_last=2,
+        init_output=0.5,
     )
 
 

@@ -133,7 +133,7 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
     eval_every = config.eval_every_steps(steps_per_epoch)
     model = build_model(config.model)
     tx, schedule = make_optimizer(config.optim, steps_per_epoch)
-    state = create_train_state(model, tx, config.seed, (config.data.lr_size,) * 3)
+    state = create_train_state(model, tx, config.seed, (config.data.lr_size,) * 3, config.init_output)
 
     store = CheckpointStore(workdir, keep_last=config.keep_last)
     start = store.latest_step() or 0
@@ -201,6 +201,9 @@ def _run(config, model, tx, schedule, state, iterator, validator, store, log, *,
             raise ArSSRError(f"training stopped at step {step_no}: the loss became {loss} (grad norm "
                              f"{float(values['grad_norm'])}); {kept} in {workdir}. Lower optim.learning_rate, "
                              "set optim.clip_grad_norm, or check the training volumes")
+        if step_no == 1 and float(values["grad_norm"]) == 0.0:
+            raise ArSSRError("the model's output is zero for every input at initialisation (its final ReLU is "
+                             "closed), so it cannot learn; set init_output (e.g. 0.5) or change seed in the config")
         now = time.perf_counter()
         if window["t0"] is None:  # the first step includes compilation: start timing after it
             window["t0"] = now

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.struct
 import jax
@@ -55,19 +55,40 @@ def make_optimizer(optim: OptimConfig, steps_per_epoch: int) -> Tuple[optax.Grad
 
 
 def create_train_state(model: ArSSR, tx: optax.GradientTransformation, seed: int,
-                       lr_shape=(4, 4, 4)) -> TrainState:
+                       lr_shape=(4, 4, 4), init_output: Optional[float] = None) -> TrainState:
     """A fresh state: parameters from ``seed``, Adam moments at zero, step 0.
 
-    Built in one jitted call (eager initialisation compiles every op separately: slow).
+    Built in one jitted call. Eager initialisation compiles every op separately, and on
+    CPU, XLA's optimising compile of the threefry random-bit generators takes tens of
+    seconds even for a tiny model; initialisation runs once, so it is compiled without
+    backend optimisation there (same random streams, seconds instead of a minute).
     """
 
     def build(key):
         init_key, state_key = jax.random.split(key)
         params = init_params(model, init_key, tuple(lr_shape))
+        if init_output is not None:
+            params = set_output_layer(params, init_output)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=state_key)
 
-    return jax.jit(build)(jax.random.PRNGKey(int(seed)))
+    key = jax.random.PRNGKey(int(seed))
+    options = FAST_COMPILE if jax.default_backend() == "cpu" else None
+    return jax.jit(build).lower(key).compile(options)(key)
+
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def set_output_layer(params, bias: float):
+    """The decoder's last layer set to weights 0 and bias ``bias`` (see TrainConfig.init_output)."""
+    decoder = dict(params["decoder"])
+    last = max((k for k in decoder if k.startswith("stage_two_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    layer = dict(decoder[last])
+    layer["kernel"] = jnp.zeros_like(layer["kernel"])
+    layer["bias"] = jnp.full_like(layer["bias"], bias)
+    decoder[last] = layer
+    return {**params, "decoder": decoder}
 
 
 def to_host(tree):

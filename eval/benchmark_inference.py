@@ -1,0 +1,196 @@
+"""Whole-volume inference speed and peak memory, side by side with the PyTorch reference.
+
+For each scale: arssr-jax's `upsample` (encode once in tiles, chunked decode through one
+compiled function) with random weights, compile time reported separately; then, when
+torch is installed, the reference pipeline (the mirror in tests/torch_reference.py)
+both as shipped (the whole encoder re-run for every HR slab: timed on a few slabs and
+extrapolated to all of them, as said in the output) and encode-once.
+
+    python eval/benchmark_inference.py                       # RDN, 48^3 LR, scales 2 and 3.2
+    python eval/benchmark_inference.py --shape 182 218 182 --scales 2 --no-torch   # whole brain
+
+Each case runs in a fresh subprocess so its peak memory (ru_maxrss, or the device's
+peak bytes on a GPU) is its own. Numbers are printed as a table and one JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def realistic_volume(shape):
+    """A crop of the MNI152 T1 template resampled to 2 mm (real anatomy), else smooth noise."""
+    from scipy import ndimage
+
+    try:
+        from nilearn.datasets import load_mni152_template
+
+        t1 = np.asarray(load_mni152_template(resolution=1).get_fdata(), np.float32)
+        lr = ndimage.zoom(t1, 0.5, order=3, grid_mode=True, mode="grid-constant")
+        if any(s > n for s, n in zip(shape, lr.shape)):
+            lr = ndimage.zoom(t1, [s / n for s, n in zip(shape, t1.shape)], order=1)
+        starts = [(n - s) // 2 for n, s in zip(lr.shape, shape)]
+        crop = lr[tuple(slice(a, a + s) for a, s in zip(starts, shape))]
+    except ImportError:
+        crop = ndimage.gaussian_filter(np.random.default_rng(0).random(shape), 2).astype(np.float32)
+    crop = crop - crop.min()
+    return (crop / crop.max()).astype(np.float32)
+
+
+def peak_memory_bytes():
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return int((device.memory_stats() or {}).get("peak_bytes_in_use", 0))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_jax(args):
+    import jax
+
+    from arssr_jax.coords import grid_for_scale
+    from arssr_jax.inference import decode_grid, encode_volume
+    from arssr_jax.models import ModelConfig, build_model, init_params
+
+    volume = realistic_volume(tuple(args.shape))
+    model = build_model(ModelConfig(encoder=args.encoder, compute_dtype=args.dtype))
+    params = init_params(model, jax.random.key(0))
+    grid = grid_for_scale(volume.shape, args.scale)
+
+    def once():
+        t0 = time.perf_counter()
+        features = encode_volume(model, params, volume, tile=args.tile)
+        t1 = time.perf_counter()
+        decode_grid(model, params, features, grid, chunk=args.chunk)
+        return t1 - t0, time.perf_counter() - t1
+
+    first = once()
+    steady = min((once() for _ in range(args.repeats)), key=sum)
+    return {
+        "impl": f"arssr-jax ({jax.default_backend()}, {args.dtype})",
+        "hr_voxels": grid.num_voxels,
+        "encode_s": steady[0],
+        "decode_s": steady[1],
+        "total_s": sum(steady),
+        "compile_s": max(0.0, sum(first) - sum(steady)),
+        "voxels_per_s": grid.num_voxels / sum(steady),
+        "peak_memory_bytes": peak_memory_bytes(),
+    }
+
+
+def run_torch(args, shipped):
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from torch_reference import ArSSR
+
+    from arssr_jax.coords import make_grid
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    model = ArSSR(args.encoder).eval()
+    volume = torch.from_numpy(realistic_volume(tuple(args.shape)))[None, None]
+    hr = tuple(int(n * args.scale) for n in args.shape)
+    coords = torch.from_numpy(make_grid(hr)).view(hr[0], -1, 3)  # one HR slab per row
+    with torch.no_grad():
+        if shipped:  # the reference CLI: the whole encoder again for every slab
+            slabs = min(args.shipped_slabs, hr[0])
+            t0 = time.perf_counter()
+            for i in range(slabs):
+                model(volume, coords[i][None])
+            per_slab = (time.perf_counter() - t0) / slabs
+            total = per_slab * hr[0]
+            return {"impl": f"reference as shipped ({slabs} of {hr[0]} slabs timed, extrapolated)",
+                    "hr_voxels": int(np.prod(hr)), "total_s": total, "voxels_per_s": np.prod(hr) / total,
+                    "peak_memory_bytes": peak_memory_bytes_torch()}
+        t0 = time.perf_counter()
+        features = model.encoder(volume)
+        t1 = time.perf_counter()
+        for i in range(hr[0]):
+            model.decode(features, coords[i][None])
+        t2 = time.perf_counter()
+    return {"impl": "reference, encode once", "hr_voxels": int(np.prod(hr)), "encode_s": t1 - t0,
+            "decode_s": t2 - t1, "total_s": t2 - t0, "voxels_per_s": np.prod(hr) / (t2 - t0),
+            "peak_memory_bytes": peak_memory_bytes_torch()}
+
+
+def peak_memory_bytes_torch():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def case(args):
+    if args.case == "jax":
+        return run_jax(args)
+    return run_torch(args, shipped=args.case == "torch-shipped")
+
+
+def spawn(args, name, scale):
+    command = [sys.executable, __file__, "--case", name, "--scale", str(scale), "--encoder", args.encoder,
+               "--shape", *map(str, args.shape), "--repeats", str(args.repeats), "--dtype", args.dtype,
+               "--shipped-slabs", str(args.shipped_slabs)]
+    if args.chunk:
+        command += ["--chunk", str(args.chunk)]
+    if args.tile:
+        command += ["--tile", str(args.tile)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{name} at scale {scale} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", default="RDN", choices=["RDN", "ResCNN", "SRResNet"])
+    parser.add_argument("--shape", type=int, nargs=3, default=[48, 48, 48], help="LR volume shape")
+    parser.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.2])
+    parser.add_argument("--chunk", type=int, default=None)
+    parser.add_argument("--tile", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the first (compiling) one")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--shipped-slabs", type=int, default=2, help="slabs timed for the as-shipped reference")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(case(args)))
+        return
+
+    try:
+        import torch  # noqa: F401
+
+        with_torch = not args.no_torch
+    except ImportError:
+        with_torch = False
+    print(f"LR {'x'.join(map(str, args.shape))}, {args.encoder}, random weights, {os.cpu_count()} CPU cores")
+    header = f"{'scale':>5}  {'implementation':<58} {'HR vox/s':>11} {'total s':>9} {'compile s':>9} {'peak GiB':>8}"
+    print(header)
+    for scale in args.scales:
+        results = [spawn(args, "jax", scale)]
+        if with_torch:
+            results += [spawn(args, "torch-once", scale), spawn(args, "torch-shipped", scale)]
+        for r in results:
+            compile_s = f"{r['compile_s']:9.1f}" if "compile_s" in r else f"{'':>9}"
+            print(f"{scale:5.2g}  {r['impl']:<58} {r['voxels_per_s']:11,.0f} {r['total_s']:9.1f} {compile_s} "
+                  f"{r['peak_memory_bytes'] / 2**30:8.2f}")
+        if with_torch:
+            ours = results[0]["voxels_per_s"]
+            print(f"       speed-up vs reference encode-once: {ours / results[1]['voxels_per_s']:.2f}x; "
+                  f"vs reference as shipped: {ours / results[2]['voxels_per_s']:.1f}x")
+        for r in results:
+            print(json.dumps({"scale": scale, **r}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Evaluation: LR simulation, the evaluate.py CLI end to end (simulated and real-scan), tables."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import jax
+import nibabel
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from arssr_jax.data.degrade import centred_positions, degrade
+from arssr_jax.errors import ArSSRError
+from arssr_jax.evaluation import protocol, tables
+from arssr_jax.evaluation.cli import main
+from arssr_jax.evaluation.simulate import lr_shape_for, simulate, simulate_lr
+from arssr_jax.metrics import psnr
+from arssr_jax.models import ModelConfig, baselines as B, build_model, init_params
+from arssr_jax.weights import save_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANATOMICAL = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
+SRCNN_TINY = {"kernels": [3, 1, 3], "filters": [8, 4]}
+
+
+def numpy_params(init, seed=0):
+    """Random parameters with the shapes ``init()`` would give, drawn with numpy (fast on a small CPU)."""
+    shapes = jax.eval_shape(init)
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+        values = rng.normal(0.0, fan_in ** -0.5, leaf.shape) if len(leaf.shape) > 1 else 0.01 * rng.normal(size=leaf.shape)
+        return np.asarray(values, np.float32)
+
+    return jax.tree_util.tree_map(draw, shapes)
+
+
+def normalised_anatomical():
+    data = nibabel.load(ANATOMICAL).get_fdata()
+    return ((data - data.min()) / (data.max() - data.min())).astype(np.float32)
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    config = ModelConfig(encoder="ResCNN", feature_dim=8, decoder_depth=4, decoder_width=16,
+                         encoder_options={"num_features": 4, "num_blocks": 1, "convs_per_block": 1})
+    params = numpy_params(lambda: init_params(build_model(config), jax.random.key(0)))
+    arssr = save_model(root / "arssr_tiny", config, params)
+    module = B.build_baseline("SRCNN3D", SRCNN_TINY)
+    baseline = B.save_baseline(root / "srcnn_x2", "SRCNN3D", 2.0,
+                               numpy_params(lambda: B.init_baseline(module, jax.random.key(0))), SRCNN_TINY)
+    return {"arssr": str(arssr), "baseline": str(baseline), "root": root}
+
+
+# ------------------------------------------------------------------ simulation
+
+
+def test_lr_shape_rounds_half_up_and_checks_the_scale():
+    assert lr_shape_for((33, 41, 25), 2) == (17, 21, 13)
+    assert lr_shape_for((33, 41, 25), 3.5) == (9, 12, 7)
+    with pytest.raises(ArSSRError):
+        lr_shape_for((10, 10, 10), 0.5)
+    with pytest.raises(ArSSRError, match="unknown degradation"):
+        simulate_lr(np.zeros((8, 8, 8)), 2, "bicubic")
+
+
+def test_centred_simulation_samples_the_lr_voxel_centres():
+    hr = np.random.default_rng(0).random((21, 17, 12)).astype(np.float32)
+    lr = simulate_lr(hr, 2.5, "centred")
+    assert lr.shape == (8, 7, 5)
+    points = np.meshgrid(*[centred_positions(m, n) for m, n in zip(hr.shape, lr.shape)], indexing="ij")
+    expected = ndimage.map_coordinates(hr.astype(np.float64), points, order=3, mode="reflect")
+    np.testing.assert_allclose(lr, expected, atol=1e-6)
+    cube = hr[:12, :12, :12]  # a cube goes through the training pipeline's degrade() itself
+    np.testing.assert_array_equal(simulate_lr(cube, 3, "centred"), degrade(cube, 4, "centred"))
+    case = simulate(hr, 2.5)
+    assert case.realised == (21 / 8, 17 / 7, 12 / 5)
+
+
+def test_reference_simulation_is_scipy_zoom():
+    hr = np.random.default_rng(1).random((20, 16, 12)).astype(np.float32)
+    lr = simulate_lr(hr, 2, "reference")
+    np.testing.assert_allclose(lr, ndimage.zoom(hr, 0.5, order=3), atol=1e-6)
+
+
+# ------------------------------------------------------------------ evaluate.py, simulated mode
+
+
+@pytest.fixture(scope="module")
+def simulated(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    rc = main([ANATOMICAL, "--out", str(out), "--scales", "2,3", "--arssr", f"tiny={models['arssr']}",
+               "--baseline", f"SRCNN3D:{models['baseline']}", "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_simulated_tables_have_the_paper_layout(simulated):
+    rows = read_csv(simulated / "results.csv")
+    assert [(r["scale"], r["model"]) for r in rows] == [
+        ("", "ground truth"), ("2", "tricubic"), ("2", "SRCNN3D"), ("2", "tiny"), ("3", "tricubic"), ("3", "tiny")]
+    header = list(rows[0])
+    assert header[:4] == ["scale", "model", "kind", "n_volumes"]
+    for metric in ("psnr", "ssim", "psi", "lpc_si", "dice", "dice_csf", "dice_gm", "dice_wm"):
+        assert metric in header and f"{metric}_std" in header
+    assert rows[0]["psnr"] == "" and float(rows[0]["lpc_si"]) > 0  # the ground truth: no-reference only
+    assert all(np.isfinite(float(r["psnr"])) and 0 <= float(r["dice"]) <= 1 for r in rows[1:])
+    # The table's tricubic row is the metric of the tricubic upsampling of the simulated LR.
+    hr = normalised_anatomical()
+    direct = psnr(B.tricubic(simulate_lr(hr, 2.0), shape=hr.shape), hr)
+    assert float(rows[1]["psnr"]) == pytest.approx(direct, abs=1e-6)
+
+    md = (simulated / "results.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ×")]
+    assert len(table) == 5 and table[0].startswith("| ×2 | tricubic |")
+    assert "| Scale | Model | PSNR (dB) | SSIM | PSI | LPC-SI | Dice |" in md
+    per_volume = read_csv(simulated / "results_per_volume.csv")
+    assert len(per_volume) == 6 and per_volume[1]["volume"] == ANATOMICAL
+
+
+def test_simulated_figures_are_pngs(simulated):
+    for name in ("slices_x3.png", "profile_x3.png", "errors_x3.png"):
+        assert (simulated / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ evaluate.py, real-scan mode
+
+
+def test_real_scan_mode_reports_only_no_reference_metrics(models, tmp_path):
+    data = nibabel.load(ANATOMICAL).get_fdata()[4:24, 6:30, 4:21]  # a small LR "scan", 20x24x17
+    scan = tmp_path / "scan.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(data.astype(np.float32), np.eye(4)), scan)
+    out = tmp_path / "real"
+    rc = main(["--real", str(scan), "--out", str(out), "--scales", "2", "--arssr", models["arssr"],
+               "--baseline", f"SRCNN3D:{models['baseline']}", "--quiet"])
+    assert rc == 0
+    rows = read_csv(out / "results.csv")
+    assert list(rows[0]) == ["scale", "model", "kind", "n_volumes", "psi", "psi_std", "lpc_si", "lpc_si_std"]
+    assert [r["model"] for r in rows] == ["tricubic", "SRCNN3D", "ArSSR-ResCNN"]
+    assert all(float(r["lpc_si"]) > 0 and r["psi"] != "" for r in rows)
+    md = (out / "results.md").read_text()
+    assert "PSNR" not in md and "no-reference" in md
+    assert (out / "slices_x2.png").exists() and not (out / "errors_x2.png").exists()
+
+
+# ------------------------------------------------------------------ user errors
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/file.nii"], "no such file"),
+    ([ANATOMICAL, "--scales", "0.5"], "scale"),
+    ([ANATOMICAL, "--real", ANATOMICAL], "not both"),
+    ([ANATOMICAL, "--metrics", "psnr,lpips"], "unknown metric"),
+    (["--real", ANATOMICAL, "--metrics", "psnr"], "no ground truth"),
+])
+def test_user_errors_are_one_line(args, message, tmp_path, capsys):
+    assert main(args + ["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_baseline_for_another_scale_is_refused(models, tmp_path, capsys):
+    assert main([ANATOMICAL, "--out", str(tmp_path), "--scales", "3", "--baseline",
+                 f"SRCNN3D:{models['baseline']}", "--quiet"]) == 2
+    assert "trained for scale 2" in capsys.readouterr().err
+
+
+def test_script_exits_non_zero_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval", "evaluate.py"), str(tmp_path / "missing.nii"),
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "missing.nii" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ tables
+
+
+def test_tables_show_mean_and_std_over_volumes():
+    records = [dict(volume=v, scale=2.0, model="tricubic", kind="interpolation", psnr=p, ssim=s)
+               for v, p, s in (("a", 30.0, 0.9), ("b", 32.0, 0.8))]
+    results = protocol.Results(records, ["tricubic"], [2.0], ("psnr", "ssim"), "simulated", "centred")
+    rows = tables.aggregate(results)
+    assert rows[0]["psnr"] == 31.0 and rows[0]["psnr_std"] == pytest.approx(np.sqrt(2.0))
+    assert "| ×2 | tricubic | 31.00 ± 1.41 | 0.8500 ± 0.0707 |" in tables.markdown(results)
