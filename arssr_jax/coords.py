@@ -128,3 +128,34 @@ def index_map_to_normalised(index_map, lr_shape) -> np.ndarray:
     to_normalised[:3, :3] = np.diag(2.0 / n)
     to_normalised[:3, 3] = 1.0 / n - 1.0
     return to_normalised @ np.asarray(index_map, np.float64)
+
+
+def grid_for_region(start, stop, scale) -> TargetGrid:
+    """A zoom: ``scale`` HR voxels per LR voxel over the LR index box [start, stop) per axis.
+
+    ``start``/``stop`` are LR voxel indices (the box spans voxel faces start - 0.5 to
+    stop - 0.5), e.g. start=(10, 12, 8), stop=(16, 18, 14), scale=8 decodes that 6^3
+    region at 8x without decoding anything else.
+    """
+    start = np.broadcast_to(np.asarray(start, np.float64), (3,))
+    stop = np.broadcast_to(np.asarray(stop, np.float64), (3,))
+    scales = np.asarray(_per_axis(scale, "scale"))
+    if np.any(stop <= start):
+        raise ArSSRError(f"region stop {tuple(stop)} must exceed start {tuple(start)} on every axis")
+    hr_shape = tuple(max(1, int(round(w * s))) for w, s in zip(stop - start, scales))
+    index_map = np.eye(4)
+    for axis in range(3):
+        step = (stop[axis] - start[axis]) / hr_shape[axis]
+        index_map[axis, axis] = step
+        index_map[axis, 3] = start[axis] - 0.5 + step / 2
+    return TargetGrid(hr_shape, index_map)
+
+
+def grid_along_line(start, stop, num) -> TargetGrid:
+    """``num`` points evenly spaced from LR index ``start`` to ``stop`` (inclusive): a 1 x 1 x num grid."""
+    start, stop = np.asarray(start, np.float64), np.asarray(stop, np.float64)
+    index_map = np.eye(4)
+    index_map[:3, :3] = 0.0
+    index_map[:3, 2] = (stop - start) / max(1, num - 1)
+    index_map[:3, 3] = start
+    return TargetGrid((1, 1, int(num)), index_map)

@@ -15,6 +15,7 @@ from arssr_jax.training.config import (
     load_config,
     paper,
     sample_volume_path,
+    tiny,
     save_config,
 )
 from arssr_jax.training.loop import TrainResult, train
@@ -24,7 +25,7 @@ from arssr_jax.training.step import Validator, l1_loss, make_train_step
 
 __all__ = [
     "CheckpointStore", "load_inference_params", "OptimConfig", "TrainConfig", "ValidationConfig", "cpu_small",
-    "load_config", "paper", "sample_volume_path", "save_config", "TrainResult", "train", "DistributedConfig",
+    "load_config", "paper", "sample_volume_path", "save_config", "tiny", "TrainResult", "train", "DistributedConfig",
     "initialize", "replicate", "shard", "unreplicate", "TrainState", "create_train_state", "make_optimizer",
     "Validator", "l1_loss", "make_train_step",
 ]

@@ -96,6 +96,12 @@ class CheckpointStore:
                              f"({str(error).splitlines()[0][:200]}); resume with the config it was made with") from None
         return TrainState.from_dict(restored["state"]), dict(restored["data"] or {})
 
+    def restore_raw(self, step: int) -> dict:
+        """``{"state": nested dicts/lists of numpy arrays, "data": dict}`` without a template."""
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+        return {"state": restored["state"], "data": dict(restored["data"] or {})}
+
     def restore_params(self, step: int) -> dict:
         """Only the model parameters of checkpoint ``step`` (numpy, as saved)."""
         restored = self.manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))

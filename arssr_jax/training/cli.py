@@ -14,9 +14,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
         "latest checkpoint. The workdir then serves as a model: arssr-jax upsample --model WORKDIR.",
     )
     parser.add_argument("--config", default=None,
-                        help="paper, cpu_small, a .json config (e.g. a workdir's config.json) or a .py file with "
+                        help="paper, cpu_small, tiny, a .json config (e.g. a workdir's train_config.json) or a .py file with "
                         "get_config(); default: the workdir's saved config, else cpu_small")
-    parser.add_argument("--workdir", required=True, help="folder for config.json, log.jsonl and checkpoints/")
+    parser.add_argument("--workdir", required=True, help="folder for train_config.json, log.jsonl and checkpoints/")
     parser.add_argument("--data", nargs="+", default=None,
                         help="training volumes: a folder of *.nii[.gz], a text file listing one path per line, or "
                         "NIfTI files (default: the config's; cpu_small uses nilearn's MNI152 template, else "
@@ -57,6 +57,4 @@ def run(args) -> None:
         config = config.with_data_paths(tuple(args.data))
     if args.val_data:
         config = config.with_val_paths(tuple(args.val_data))
-    if args.steps is None and config.steps is not None and (Path(args.workdir) / CONFIG_FILE).is_file():
-        pass  # resuming keeps the saved run length
     train(config, args.workdir, steps=args.steps, quiet=args.quiet)

@@ -7,7 +7,7 @@ happen together every ``config.eval_every_steps`` steps and at the end.
 
 Workdir layout::
 
-    WORKDIR/config.json      the run's full TrainConfig (JSON)
+    WORKDIR/train_config.json the run's full TrainConfig (JSON)
     WORKDIR/log.jsonl        one JSON record per log interval / validation
     WORKDIR/checkpoints/     orbax checkpoints (see ``checkpoints``)
 """
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Optional
 
 import jax
-import numpy as np
 
 from arssr_jax.data import load_volumes, make_train_iterator, validation_samples
 from arssr_jax.errors import ArSSRError
@@ -77,6 +76,10 @@ class RunLog:
             self._file.close()
 
 
+def _by_scale(metrics: dict) -> str:
+    return ", ".join(f"x{k} {v:.2f}" for k, v in metrics.get("val_psnr_by_scale", {}).items())
+
+
 def prepare_workdir(config: TrainConfig, workdir) -> Path:
     """Create the workdir; refuse one that holds a run with a different config."""
     workdir = Path(workdir)
@@ -123,10 +126,10 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
     config.validate()
     main = parallel.is_main_process()
     per_device = parallel.device_batch(config.data.batch_size)
-    workdir = prepare_workdir(config, workdir)
     if volumes is None and not config.data.paths:
         raise ArSSRError("no training data: pass --data (a folder or list file of HR NIfTI volumes)")
     train_volumes = load_volumes(volumes if volumes is not None else config.data.paths)
+    workdir = prepare_workdir(config, workdir)
 
     steps_per_epoch = config.data.steps_per_epoch(len(train_volumes))
     total = config.total_steps(steps_per_epoch)
@@ -162,7 +165,7 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
                        steps_per_epoch=steps_per_epoch, total_steps=total, trilinear=trilinear,
                        processes=jax.process_count(), local_devices=jax.local_device_count())
             log.say(f"trilinear interpolation on the validation patches: L1 {trilinear.get('val_l1', float('nan')):.4f}, "
-                    f"PSNR {trilinear.get('val_psnr', float('nan')):.2f} dB")
+                    f"PSNR {trilinear.get('val_psnr', float('nan')):.2f} dB ({_by_scale(trilinear)})")
         if start >= total:
             log.say(f"nothing to do: the run is at step {start} of {total}")
             return TrainResult(workdir, start, total, steps_per_epoch, store.best_step(),
@@ -187,7 +190,7 @@ def _run(config, model, tx, schedule, state, iterator, validator, store, log, *,
     log.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=log.quiet or not sys.stderr.isatty(), file=sys.stderr)
 
-    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "t0": None, "lr": None}
+    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "timed": 0, "t0": None, "lr": None, "paused": 0.0}
     throughput = {"samples": 0, "seconds": 0.0}
     last_saved = start
     validation = {}
@@ -205,28 +208,27 @@ def _run(config, model, tx, schedule, state, iterator, validator, store, log, *,
             raise ArSSRError("the model's output is zero for every input at initialisation (its final ReLU is "
                              "closed), so it cannot learn; set init_output (e.g. 0.5) or change seed in the config")
         now = time.perf_counter()
-        if window["t0"] is None:  # the first step includes compilation: start timing after it
+        window["loss"] += loss
+        window["grad_norm"] += float(values["grad_norm"])
+        window["n"] += 1
+        window["lr"] = float(values["lr"])
+        if window["t0"] is None:  # the first step includes compilation: time the steps after it
             window["t0"] = now
         else:
-            window["loss"] += loss
-            window["grad_norm"] += float(values["grad_norm"])
-            window["n"] += 1
-        window["lr"] = float(values["lr"])
+            window["timed"] += 1
         log.bar.update(1)
         if step_no % config.log_every == 0 or step_no == total:
-            n = max(window["n"], 1)
-            dt = now - window["t0"]
-            rate = window["n"] * global_batch / dt if dt > 0 and window["n"] else None
+            dt = now - window["t0"] - window["paused"]
+            rate = window["timed"] * global_batch / dt if dt > 0 and window["timed"] else None
             if rate:
-                throughput["samples"] += window["n"] * global_batch
+                throughput["samples"] += window["timed"] * global_batch
                 throughput["seconds"] += dt
-            mean_loss = window["loss"] / n if window["n"] else loss
+            mean_loss = window["loss"] / window["n"]
             log.record(step=step_no, epoch=round(step_no / steps_per_epoch, 4), loss=mean_loss, lr=window["lr"],
-                       grad_norm=window["grad_norm"] / n if window["n"] else float(values["grad_norm"]),
-                       samples_per_s=rate, time=time.time())
+                       grad_norm=window["grad_norm"] / window["n"], samples_per_s=rate, time=time.time())
             log.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{window['lr']:.2e}",
                                 samples_s=f"{rate:.1f}" if rate else "-", refresh=False)
-            window.update(loss=0.0, grad_norm=0.0, n=0, t0=now)
+            window.update(loss=0.0, grad_norm=0.0, n=0, timed=0, t0=now, paused=0.0)
 
     pending = None
     step_no = start
@@ -241,15 +243,15 @@ def _run(config, model, tx, schedule, state, iterator, validator, store, log, *,
             if step_no % eval_every == 0 or step_no == total:
                 take(*pending)
                 pending = None
+                paused_at = time.perf_counter()
                 host_state = parallel.unreplicate(rstate)
                 validation = validator(host_state.params)
                 store.save(step_no, host_state, iterator.get_state(), validation)
                 last_saved = step_no
-                window["t0"] = time.perf_counter()  # do not count validation time as training time
+                window["paused"] += time.perf_counter() - paused_at  # not training time
                 log.record(step=step_no, epoch=round(step_no / steps_per_epoch, 4), event="validation", **validation)
-                by_scale = ", ".join(f"x{k} {v:.2f}" for k, v in validation.get("val_psnr_by_scale", {}).items())
                 log.say(f"step {step_no}: val L1 {validation.get('val_l1', float('nan')):.4f}, PSNR "
-                        f"{validation.get('val_psnr', float('nan')):.2f} dB ({by_scale}); checkpoint saved")
+                        f"{validation.get('val_psnr', float('nan')):.2f} dB ({_by_scale(validation)}); checkpoint saved")
     except KeyboardInterrupt:
         if jax.process_count() == 1 and step_no > last_saved:
             if pending is not None:
@@ -265,6 +267,7 @@ def _run(config, model, tx, schedule, state, iterator, validator, store, log, *,
     rate = throughput["samples"] / throughput["seconds"] if throughput["seconds"] > 0 else None
     best = store.best_step()
     log.record(step=step_no, event="end", best_step=best, samples_per_s=rate)
+    log.bar.close()
     log.say(f"done: step {step_no}, best checkpoint step {best}"
             + (f", {rate:.1f} samples/s" if rate else ""))
     return TrainResult(workdir, step_no, total, steps_per_epoch, best, validation, trilinear, rate)

@@ -39,7 +39,7 @@ def make_train_step(model: ArSSR, tx: optax.GradientTransformation, schedule: Ca
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
@@ -94,17 +94,15 @@ class Validator:
             l1, p = float(np.mean(np.abs(pred - hr))), psnr(pred, hr)
             l1s.append(l1)
             psnrs.append(p)
-            key = f"{float(np.asarray(sample['scale']).reshape(-1)[0]):g}"
-            by_scale.setdefault(key, []).append(p)
-        return {"val_l1": float(np.mean(l1s)), "val_psnr": float(np.mean(psnrs)),
-                "val_psnr_by_scale": {k: float(np.mean(v)) for k, v in sorted(by_scale.items(), key=lambda kv: float(kv[0]))}}
+            by_scale.setdefault(_scale_key(sample), []).append(p)
+        return _summary(l1s, psnrs, by_scale)
 
     def trilinear_baseline(self) -> dict:
         """The same metrics for trilinear interpolation of the LR patch at the HR voxel
         centres (edge values repeated beyond the outermost LR voxel centres)."""
         from scipy import ndimage
 
-        l1s, psnrs = [], []
+        l1s, psnrs, by_scale = [], [], {}
         for sample in self.samples:
             hr = np.asarray(sample["hr"], np.float32)
             lr = np.asarray(sample["lr"], np.float64)[..., 0]
@@ -113,7 +111,20 @@ class Validator:
             pred = ndimage.map_coordinates(lr, index.T, order=1, mode="nearest").reshape(hr.shape)
             l1s.append(float(np.mean(np.abs(pred - hr))))
             psnrs.append(psnr(pred, hr))
-        return {"val_l1": float(np.mean(l1s)), "val_psnr": float(np.mean(psnrs))} if l1s else {}
+            by_scale.setdefault(_scale_key(sample), []).append(psnrs[-1])
+        return _summary(l1s, psnrs, by_scale)
+
+
+def _scale_key(sample) -> str:
+    return f"{float(np.asarray(sample['scale']).reshape(-1)[0]):g}"
+
+
+def _summary(l1s, psnrs, by_scale) -> dict:
+    if not l1s:
+        return {}
+    ordered = sorted(by_scale.items(), key=lambda kv: float(kv[0]))
+    return {"val_l1": float(np.mean(l1s)), "val_psnr": float(np.mean(psnrs)),
+            "val_psnr_by_scale": {k: float(np.mean(v)) for k, v in ordered}}
 
 
 def psnr(pred: np.ndarray, gt: np.ndarray) -> float:

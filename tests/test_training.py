@@ -1,0 +1,181 @@
+"""Training: the pure step, the schedule, configs, the loop on real data, the CLI."""
+
+import argparse
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import nibabel
+import numpy as np
+import pytest
+
+from arssr_jax.errors import ArSSRError
+from arssr_jax.models import build_model, predict
+from arssr_jax.training import (
+    OptimConfig,
+    TrainConfig,
+    create_train_state,
+    load_config,
+    load_inference_params,
+    make_optimizer,
+    make_train_step,
+    tiny,
+    train,
+)
+from arssr_jax.training.config import config_differences, cpu_small, paper
+
+ANATOMICAL = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    config = tiny(data_paths=(ANATOMICAL,))
+    model = build_model(config.model)
+    tx, schedule = make_optimizer(config.optim, steps_per_epoch=5)
+    state = create_train_state(model, tx, 0, (6, 6, 6), config.init_output)
+    step = jax.jit(make_train_step(model, tx, schedule))
+    rng = np.random.default_rng(0)
+    batch = {"lr": rng.random((2, 6, 6, 6, 1), np.float32),
+             "coords": rng.uniform(-1, 1, (2, 64, 3)).astype(np.float32),
+             "values": rng.random((2, 64, 1), np.float32)}
+    return config, model, state, step, batch
+
+
+def test_train_step_loss_lr_and_update(tiny_setup):
+    config, model, state, step, batch = tiny_setup
+    new, metrics = step(state, batch)
+    expected = np.mean(np.abs(np.asarray(predict(model, state.params, batch["lr"], batch["coords"])) - batch["values"]))
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-6)
+    assert float(metrics["lr"]) == pytest.approx(config.optim.learning_rate)
+    assert float(metrics["grad_norm"]) > 0 and bool(metrics["finite"])
+    assert int(new.step) == 1 and not np.array_equal(np.asarray(new.rng), np.asarray(state.rng))
+    # Adam's first step moves every parameter by at most the learning rate
+    moves = [np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in
+             zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(state.params))]
+    assert max(moves) <= config.optim.learning_rate * 1.0001 and max(moves) > 0
+
+
+def test_non_finite_step_keeps_the_state(tiny_setup):
+    _, _, state, step, batch = tiny_setup
+    bad = dict(batch, values=np.full_like(batch["values"], np.nan))
+    new, metrics = step(state, bad)
+    assert not bool(metrics["finite"])
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_learning_rate_halves_every_n_epochs():
+    _, schedule = make_optimizer(OptimConfig(learning_rate=1e-4, decay_every_epochs=2), steps_per_epoch=3)
+    assert [float(schedule(s)) for s in (0, 5, 6, 11, 12)] == pytest.approx([1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5])
+    config = paper()
+    assert config.data.steps_per_epoch(780) == 312  # the paper: 780 subjects x 6 patches / 15
+    assert config.decay_every_steps(312) == 200 * 312 and config.total_steps(312) == 2500 * 312
+
+
+def test_configs_round_trip_and_load(tmp_path):
+    for config in (paper(("a", "b")), cpu_small(), tiny()):
+        again = TrainConfig.from_dict(json.loads(config.to_json()))
+        assert again == config and not config_differences(config, again)
+        config.validate()
+    path = tmp_path / "run.json"
+    path.write_text(cpu_small().replace(steps=7).to_json())
+    assert load_config(path).steps == 7
+    module = tmp_path / "mine.py"
+    module.write_text("from arssr_jax.training.config import tiny\ndef get_config():\n    return tiny().replace(seed=3)\n")
+    assert load_config(module).seed == 3
+    assert load_config("paper").model.encoder == "RDN" and load_config("paper").data.samples_per_step == 8000
+    bad = json.loads(tiny().to_json())
+    bad["optim"]["learning_rat"] = 1.0
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ArSSRError, match="learning_rat"):
+        load_config(path)
+    with pytest.raises(ArSSRError, match="not a preset"):
+        load_config("no-such-config")
+    assert config_differences(tiny(), tiny().replace(steps=9, seed=1)) == ["seed"]
+
+
+def _cli(argv):
+    from arssr_jax.training.cli import add_subcommand
+
+    parser = argparse.ArgumentParser()
+    add_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+def test_loss_falls_on_real_data_and_workdir_is_a_model(tmp_path):
+    """A tiny model's loss falls over a few dozen steps on a real T1w volume (via the CLI)."""
+    config = tiny(data_paths=(ANATOMICAL,))
+    config = config.replace(optim=dataclasses.replace(config.optim, learning_rate=3e-3),
+                            val=dataclasses.replace(config.val, every_steps=20))
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config.to_json())
+    workdir = tmp_path / "run"
+    _cli(["train", "--config", str(config_path), "--workdir", str(workdir), "--steps", "40", "--quiet"])
+
+    records = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:4]), losses
+    assert all(k in records[5] for k in ("step", "loss", "lr", "samples_per_s", "grad_norm"))
+    validations = [r for r in records if r.get("event") == "validation"]
+    assert [v["step"] for v in validations] == [20, 40]
+    assert all(np.isfinite(v["val_l1"]) and np.isfinite(v["val_psnr"]) for v in validations)
+    assert load_config(workdir / "train_config.json") == config.replace(steps=40)
+
+    from arssr_jax.weights.model_dir import load_model
+
+    model, params, model_config = load_model(str(workdir))
+    assert model_config == config.model
+    best = min(validations, key=lambda v: v["val_l1"])["step"]
+    _, best_params = load_inference_params(workdir, step=best)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(best_params)):
+        np.testing.assert_array_equal(a, b)
+    out = predict(model, params, jnp.zeros((1, 6, 6, 6, 1)), jnp.zeros((1, 5, 3)))
+    assert out.shape == (1, 5, 1)
+
+    # a different config in the same workdir is refused; resuming past the end does nothing
+    with pytest.raises(ArSSRError, match="different config"):
+        train(config.replace(seed=5), workdir, steps=40, quiet=True)
+    assert train(config, workdir, steps=40, quiet=True).step == 40
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    """From step 3 on the targets are NaN: the run stops with a clear error, step 2 stays."""
+    from arssr_jax.training import loop
+
+    def poisoned(model, tx, schedule, axis_name=None):
+        step = make_train_step(model, tx, schedule, axis_name)
+
+        def poisoned_step(state, batch):
+            values = jnp.where(state.step >= 2, jnp.nan, batch["values"])
+            return step(state, dict(batch, values=values))
+
+        return poisoned_step
+
+    monkeypatch.setattr(loop, "make_train_step", poisoned)
+    config = tiny(data_paths=(ANATOMICAL,))
+    config = config.replace(val=dataclasses.replace(config.val, every_steps=1))
+    with pytest.raises(ArSSRError, match=r"stopped at step 3: the loss became nan.*last good checkpoint is step 2"):
+        train(config, tmp_path, steps=6, quiet=True)
+    from arssr_jax.training import CheckpointStore
+
+    store = CheckpointStore(tmp_path, read_only=True)
+    assert store.latest_step() == 2
+    store.close()
+    _, params = load_inference_params(tmp_path)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
+
+
+def test_user_errors(tmp_path):
+    config = tiny(data_paths=(str(tmp_path / "missing.nii"),))
+    with pytest.raises(ArSSRError, match="missing.nii"):
+        train(config, tmp_path / "run", steps=1, quiet=True)
+    with pytest.raises(ArSSRError, match="batch"):
+        train(tiny(data_paths=(ANATOMICAL,)).replace(
+            data=dataclasses.replace(tiny().data, batch_size=0)), tmp_path / "run2", steps=1, quiet=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArSSRError, match="is a file"):
+        train(tiny(data_paths=(ANATOMICAL,)), tmp_path / "file", steps=1, quiet=True)
