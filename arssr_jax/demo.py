@@ -11,7 +11,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 from arssr_jax.errors import ArSSRError
 

@@ -86,7 +86,19 @@ def run_jax(args):
         "compile_s": max(0.0, sum(first) - sum(steady)),
         "voxels_per_s": grid.num_voxels / sum(steady),
         "peak_memory_bytes": peak_memory_bytes(),
+        **achieved_gflops(args, grid.num_voxels, *steady),
     }
+
+
+def achieved_gflops(args, hr_voxels, encode_s, decode_s):
+    """Useful encoder FLOPs (per LR voxel, tile halos not counted) / encode time; decoder likewise."""
+    from arssr_jax.flops import decoder_flops_per_voxel, encoder_flops_per_voxel
+    from arssr_jax.models import ModelConfig
+
+    config = ModelConfig(encoder=args.encoder)
+    lr_voxels = int(np.prod(args.shape))
+    return {"encoder_gflops_per_s": encoder_flops_per_voxel(config) * lr_voxels / encode_s / 1e9,
+            "decoder_gflops_per_s": decoder_flops_per_voxel(config) * hr_voxels / decode_s / 1e9}
 
 
 def run_torch(args, shipped):
@@ -122,7 +134,8 @@ def run_torch(args, shipped):
         t2 = time.perf_counter()
     return {"impl": "reference, encode once", "hr_voxels": int(np.prod(hr)), "encode_s": t1 - t0,
             "decode_s": t2 - t1, "total_s": t2 - t0, "voxels_per_s": np.prod(hr) / (t2 - t0),
-            "peak_memory_bytes": peak_memory_bytes_torch()}
+            "peak_memory_bytes": peak_memory_bytes_torch(),
+            **achieved_gflops(args, int(np.prod(hr)), t1 - t0, t2 - t1)}
 
 
 def peak_memory_bytes_torch():
@@ -176,6 +189,7 @@ def main():
     print(f"LR {'x'.join(map(str, args.shape))}, {args.encoder}, random weights, {os.cpu_count()} CPU cores")
     header = f"{'scale':>5}  {'implementation':<58} {'HR vox/s':>11} {'total s':>9} {'compile s':>9} {'peak GiB':>8}"
     print(header)
+    matmul = measure_matmul(with_torch)
     for scale in args.scales:
         results = [spawn(args, "jax", scale)]
         if with_torch:
@@ -189,7 +203,22 @@ def main():
             print(f"       speed-up vs reference encode-once: {ours / results[1]['voxels_per_s']:.2f}x; "
                   f"vs reference as shipped: {ours / results[2]['voxels_per_s']:.1f}x")
         for r in results:
+            if "encoder_gflops_per_s" in r:
+                print(f"       {r['impl']}: encoder {r['encoder_gflops_per_s']:.1f} GFLOP/s, decoder "
+                      f"{r['decoder_gflops_per_s']:.1f} GFLOP/s (matmul rate: {matmul})")
+        for r in results:
             print(json.dumps({"scale": scale, **r}))
+
+
+def measure_matmul(with_torch):
+    """The machine's float32 matmul rate (eval/benchmark_matmul.py, in a subprocess), as text."""
+    command = [sys.executable, os.path.join(REPO, "eval", "benchmark_matmul.py")] + ([] if with_torch else ["--no-torch"])
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        return "not measured"
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    text = f"jnp.dot {r['jax_gflops']:.1f} GFLOP/s"
+    return text + (f", torch {r['torch_gflops']:.1f}" if r.get("torch_gflops") else "")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,17 @@ def bench_torch(encoder: str, batch: dict, steps: int, warmup: int) -> dict:
             "compile_s": None, "step_s": seconds, "loss": loss, "threads": torch.get_num_threads()}
 
 
+def training_flops(encoder: str, args) -> float:
+    """Useful FLOPs of one step: forward (encoder per LR voxel + decoder per HR sample) x 3 for the backward."""
+    from arssr_jax.flops import decoder_flops_per_voxel, encoder_flops_per_voxel
+    from arssr_jax.models import ModelConfig
+
+    config = ModelConfig(encoder=encoder)
+    forward = args.batch * (encoder_flops_per_voxel(config) * args.lr_size**3
+                            + decoder_flops_per_voxel(config) * args.samples)
+    return 3.0 * forward
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoders", nargs="+", default=["RDN", "ResCNN"], choices=["RDN", "ResCNN", "SRResNet"])
@@ -113,6 +124,15 @@ def main(argv=None) -> int:
     batch = make_batch(args.batch, args.samples, args.lr_size)
     print(f"batch N={args.batch}, K={args.samples}, LR {args.lr_size}^3; {args.warmup} warm-up + {args.steps} timed "
           f"steps; jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs)", flush=True)
+    matmul = None
+    try:
+        sys.path.insert(0, os.path.join(ROOT, "eval"))
+        from benchmark_matmul import jax_matmul_gflops, torch_matmul_gflops
+
+        matmul = f"jnp.dot {jax_matmul_gflops():.1f} GFLOP/s" + (
+            f", torch {torch_matmul_gflops():.1f}" if have_torch else "")
+    except Exception as error:  # the roofline line is informative only
+        matmul = f"not measured ({error})"
     results = []
     header = f"{'encoder':8} {'framework':9} {'params':>10} {'compile s':>9} {'s/step':>8} {'steps/s':>8} {'samples/s':>9}"
     print(header)
@@ -126,6 +146,11 @@ def main(argv=None) -> int:
             compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
             print(f"{encoder:8} {r['framework']:9} {r['parameters']:>10,} {compile_s:>9} {r['step_s']:>8.3f} "
                   f"{r['steps_per_s']:>8.3f} {r['samples_per_s']:>9.2f}", flush=True)
+        step_flops = training_flops(encoder, args)
+        for r in runs:
+            r["gflops_per_s"] = step_flops / r["step_s"] / 1e9
+            print(f"{encoder:8} {r['framework']:9} achieved {r['gflops_per_s']:.1f} GFLOP/s "
+                  f"(3 x forward FLOPs per step: {step_flops / 1e9:.0f} G; matmul rate: {matmul})", flush=True)
         if have_torch:
             ratio = runs[1]["step_s"] / runs[0]["step_s"]
             print(f"{encoder:8} torch s/step / jax s/step = {ratio:.2f} ({'JAX' if ratio > 1 else 'PyTorch'} faster)",

@@ -40,9 +40,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -267,31 +264,13 @@ def run_baseline(module, params, lr, shape, *, tile: int = 64) -> np.ndarray:
 def save_baseline(directory, name: str, scale: float, params, options: dict | None = None,
                   metadata: dict | None = None) -> Path:
     """Write a baseline model directory atomically (an existing one is replaced whole)."""
-    directory = Path(directory)
+    from arssr_jax.weights.model_dir import write_model_files
+
     build_baseline(name, options)  # validate
-    parent = directory.parent if str(directory.parent) else Path(".")
-    if not parent.is_dir():
-        raise ArSSRError(f"cannot write baseline to {directory}: folder {parent} does not exist; create it first")
-    if directory.exists() and not (directory / CONFIG_FILE).exists() and any(directory.iterdir()):
-        raise ArSSRError(f"{directory} exists and is not a model directory; choose an empty or new path")
     document = {"format": BASELINE_FORMAT, "baseline": name, "scale": float(scale),
                 "options": dict(options or {}), "metadata": metadata or {}}
     tree = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
-    try:
-        (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        (staging / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(_plain(tree)))
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=parent))
-            os.replace(directory, old / "model")
-            os.replace(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    return write_model_files(directory, document, _plain(tree))
 
 
 def _plain(tree):

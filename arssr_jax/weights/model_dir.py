@@ -31,14 +31,19 @@ DEFAULT_MODEL = "default"
 
 def save_model(directory, config: ModelConfig, params, metadata: dict | None = None) -> Path:
     """Write a model directory atomically; an existing directory is replaced whole."""
+    document = {"format": FORMAT, "model": json.loads(config.to_json()), "metadata": metadata or {}}
+    return write_model_files(directory, document, _to_numpy(params))
+
+
+def write_model_files(directory, document: dict, params) -> Path:
+    """``config.json`` (``document``) + ``params.msgpack`` written to a temporary sibling
+    folder, then renamed into place: an interrupted save never leaves a half-written model."""
     directory = Path(directory)
     parent = directory.parent if str(directory.parent) else Path(".")
     if not parent.is_dir():
         raise ArSSRError(f"cannot write model to {directory}: folder {parent} does not exist; create it first")
     if directory.exists() and not (directory / CONFIG_FILE).exists() and any(directory.iterdir()):
         raise ArSSRError(f"{directory} exists and is not a model directory; choose an empty or new path")
-    params = _to_numpy(params)
-    document = {"format": FORMAT, "model": json.loads(config.to_json()), "metadata": metadata or {}}
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
     try:
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
