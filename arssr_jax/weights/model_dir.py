@@ -46,6 +46,7 @@ def write_model_files(directory, document: dict, params) -> Path:
         raise ArSSRError(f"{directory} exists and is not a model directory; choose an empty or new path")
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model folder is not
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         (staging / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(params))
         if directory.exists():
@@ -59,6 +60,12 @@ def write_model_files(directory, document: dict, params) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _to_numpy(tree):
