@@ -115,14 +115,27 @@ def plan_tiles(shape, core, halo) -> list[Tile]:
     ]
 
 
-def choose_tile_core(shape, halo, max_tile_voxels) -> tuple:
-    """The largest cubic core whose tile (core + halo, clipped to the volume) fits the budget."""
+def choose_tile_core(shape, halo, max_tile_voxels, max_tiles_per_axis=8) -> tuple:
+    """Tile cores that cover ``shape`` with the least encoder work (tiles x window voxels)
+    while each window (core + halo, clipped to the volume) fits ``max_tile_voxels``.
+
+    With a large halo (RDN: 28 voxels) small cubic tiles would mostly re-encode halos, so
+    every split of 1..max_tiles_per_axis tiles per axis is weighed; the volume itself when it fits.
+    """
     if math.prod(shape) <= max_tile_voxels:
         return tuple(shape)
-    core = max(shape)
-    while core > 1 and math.prod(min(n, core + 2 * halo) for n in shape) > max_tile_voxels:
-        core = max(1, int(core * 0.85))
-    return (core,) * 3
+    best = None
+    for counts in np.ndindex(*(min(n, max_tiles_per_axis) for n in shape)):
+        cores = [math.ceil(n / (c + 1)) for n, c in zip(shape, counts)]
+        windows = [min(n, core + 2 * halo) for n, core in zip(shape, cores)]
+        if math.prod(windows) > max_tile_voxels:
+            continue
+        work = math.prod(math.ceil(n / core) for n, core in zip(shape, cores)) * math.prod(windows)
+        if best is None or work < best[0]:
+            best = (work, tuple(cores))
+    if best is None:  # nothing fits: the smallest windows the split allows
+        return tuple(max(1, math.ceil(n / max_tiles_per_axis)) for n in shape)
+    return best[1]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -134,13 +147,13 @@ def encode_volume(model: ArSSR, params, volume, tile=None, max_tile_bytes=None, 
     """Feature map (X, Y, Z, F) of one LR volume (X, Y, Z), encoded tile by tile.
 
     ``tile``: core size per axis (int or 3 ints); by default the largest that keeps one
-    tile's activations under ``max_tile_bytes`` (a quarter of free memory, at most 8 GiB).
+    tile's activations under ``max_tile_bytes`` (half of free memory, at most 16 GiB).
     """
     config = model.config
     halo = receptive_radius(config)
     shape = volume.shape
     if tile is None:
-        budget = max_tile_bytes or min(8 * 2**30, available_memory_bytes() // 4)
+        budget = max_tile_bytes or min(16 * 2**30, available_memory_bytes() // 2)
         core = choose_tile_core(shape, halo, max(1, budget // activation_bytes_per_voxel(config)))
     else:
         core = (int(tile),) * 3 if np.ndim(tile) == 0 else tuple(int(t) for t in tile)

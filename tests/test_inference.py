@@ -292,3 +292,16 @@ def test_four_d_with_volume_index(capsys, tmp_path, tiny_dir):
 def test_missing_model_is_a_clear_error(capsys, lr_file, tmp_path):
     run_cli_error(capsys, [lr_file, tmp_path / "o.nii.gz", "--scale", "2", "--model", tmp_path / "nope"],
                   str(tmp_path / "o.nii.gz"), "not found")
+
+
+def test_tile_choice_fits_the_budget_without_drowning_in_halos():
+    shape, halo, budget = (91, 109, 91), 28, 650_000
+    tiles = inference.plan_tiles(shape, inference.choose_tile_core(shape, halo, budget), halo)
+    windows = [int(np.prod([s.stop - s.start for s in t.read])) for t in tiles]
+    assert max(windows) <= budget
+    assert sum(windows) <= 4 * np.prod(shape)  # small cubes would re-encode halos ~40 times over
+    covered = np.zeros(shape, int)
+    for t in tiles:
+        covered[t.core] += 1
+    assert np.all(covered == 1)
+    assert inference.choose_tile_core(shape, halo, 10**7) == shape
