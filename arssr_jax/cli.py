@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from arssr_jax.errors import ArSSRError
 
@@ -73,9 +74,21 @@ def _add_upsample(commands) -> None:
 
 def _export(args) -> None:
     from arssr_jax.training.checkpoints import load_inference_params
+    from arssr_jax.training.config import CONFIG_FILE, load_config
     from arssr_jax.weights import save_model
     from arssr_jax.weights.model_dir import describe
 
+    saved = Path(args.workdir) / CONFIG_FILE
+    if saved.is_file() and load_config(saved).baseline is not None:
+        from arssr_jax.models.baselines import load_baseline_run, save_baseline
+
+        _, params, document = load_baseline_run(args.workdir, step=args.step)
+        save_baseline(args.output, document["baseline"], document["scale"], params, document["options"],
+                      document["metadata"])
+        if not args.quiet:
+            print(f"wrote {args.output}: {document['baseline']} baseline x{document['scale']:g} "
+                  f"(step {document['metadata']['step']})")
+        return
     config, params = load_inference_params(args.workdir, step=args.step)
     save_model(args.output, config, params, {"source": str(args.workdir), "step": args.step or "best"})
     if not args.quiet:
@@ -86,7 +99,7 @@ def _add_export(commands) -> None:
     export = commands.add_parser(
         "export", help="write a model directory from a training workdir",
         description="Copy a training run's parameters (its best checkpoint, else the latest, or --step) "
-        "into a model directory (config.json + params.msgpack).",
+        "into a model directory (config.json + params.msgpack); a baseline run gives a baseline directory.",
     )
     export.add_argument("workdir")
     export.add_argument("output")

@@ -35,15 +35,16 @@ def bench_jax(encoder: str, batch: dict, steps: int, warmup: int) -> dict:
     import jax
 
     from arssr_jax.models import ModelConfig, build_model, count_params
-    from arssr_jax.training import OptimConfig, create_train_state, make_optimizer, make_train_step
+    from arssr_jax.training import ArSSRTask, OptimConfig, create_train_state, make_optimizer, make_train_step
 
     config = ModelConfig(encoder=encoder)
     model = build_model(config)
+    task = ArSSRTask(model, tuple(batch["lr"].shape[1:4]), init_output=0.5)
     tx, schedule = make_optimizer(OptimConfig(), steps_per_epoch=312)
-    state = create_train_state(model, tx, 0, batch["lr"].shape[1:4], init_output=0.5)
+    state = create_train_state(task.init_params, tx, 0)
     device_batch = jax.device_put(batch)
     t0 = time.perf_counter()
-    step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=(0,)).lower(state, device_batch).compile()
+    step = jax.jit(make_train_step(task.loss, tx, schedule), donate_argnums=(0,)).lower(state, device_batch).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
         state, metrics = step(state, device_batch)

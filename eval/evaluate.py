@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Evaluate ArSSR models and baselines: tables (results.md, results.csv) and figures.
 
-Thin entry point; the logic lives in ``arssr_jax.evaluation`` (see ``--help`` and
-``python eval/evaluate.py train-baseline --help``).
+Thin entry point; the logic lives in ``arssr_jax.evaluation`` (see ``--help``). The
+fixed-scale baselines are trained with ``arssr-jax train --baseline NAME --scale S``.
 """
 
 import sys

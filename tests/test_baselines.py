@@ -134,21 +134,82 @@ def test_tiled_application_equals_the_whole_volume():
 # ------------------------------------------------------------------ training and model directories
 
 
-def test_training_lowers_the_loss_and_round_trips(tmp_path):
-    hr = anatomical()
-    start = random_params(B.build_baseline("SRCNN3D", TINY["SRCNN3D"]))
-    module, params, losses = B.train_baseline("SRCNN3D", [hr], 2.0, 30, options=TINY["SRCNN3D"], patch_size=12,
-                                              batch_size=2, learning_rate=3e-3, seed=0, params=start)
-    assert len(losses) == 30 and all(np.isfinite(losses))
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+def small_baseline_config(name="SRCNN3D", scale=2.0, **changes):
+    """The 'baseline' preset shrunk to seconds: tiny network, LR 6^3 -> HR 12^3, batch 2."""
+    import dataclasses
 
-    path = B.save_baseline(tmp_path / "srcnn_x2", "SRCNN3D", 2.0, params, TINY["SRCNN3D"], {"steps": 30})
-    assert B.is_baseline_dir(path)
-    loaded, loaded_params, document = B.load_baseline(path)
-    assert loaded == module and document["scale"] == 2.0 and document["metadata"]["steps"] == 30
+    from arssr_jax.training import baseline
+
+    config = baseline(name, scale, data_paths=(ANATOMICAL,), options=TINY[name])
+    data = dataclasses.replace(config.data, lr_size=6, patch_size=int(6 * scale), batch_size=2, samples_per_volume=20)
+    val = dataclasses.replace(config.val, patches_per_volume=2, every_steps=10)
+    optim = dataclasses.replace(config.optim, learning_rate=3e-3)
+    return config.replace(data=data, val=val, optim=optim, log_every=1, **changes)
+
+
+def test_baseline_trains_through_the_training_system(tmp_path):
+    """`arssr-jax train --baseline`: the same loop, checkpoints and log as ArSSR; the loss
+    falls; the workdir and its export serve evaluation at the trained scale only."""
+    import json
+
+    from arssr_jax.cli import main as cli_main
+    from arssr_jax.evaluation.runners import baseline_runner
+    from arssr_jax.training import train
+
+    workdir = tmp_path / "srcnn_x2"
+    result = train(small_baseline_config(), workdir, steps=30, quiet=True)
+    assert result.step == 30 and result.best_step in (10, 20, 30)
+    assert set(result.validation) >= {"val_l1", "val_psnr"} and set(result.interpolation) >= {"val_l1", "val_psnr"}
+    records = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert records[0]["interpolation_name"] == "tricubic"
+
+    assert cli_main(["export", str(workdir), str(tmp_path / "exported"), "--quiet"]) == 0
+    module, params, document = B.load_baseline(tmp_path / "exported")
+    assert document["scale"] == 2.0 and document["metadata"]["step"] == result.best_step
+    run_module, run_params, _ = B.load_baseline(workdir)
+    assert run_module == module
     lr = np.random.default_rng(0).random((8, 9, 7)).astype(np.float32)
-    np.testing.assert_array_equal(B.run_baseline(loaded, loaded_params, lr, (16, 18, 14)),
-                                  B.run_baseline(module, params, lr, (16, 18, 14)))
+    expected = B.run_baseline(module, params, lr, (16, 18, 14))
+    np.testing.assert_array_equal(B.run_baseline(run_module, run_params, lr, (16, 18, 14)), expected)
+    runner = baseline_runner(f"SRCNN3D:{workdir}")
+    assert runner.serves(2.0) and not runner.serves(2.5)
+    np.testing.assert_array_equal(runner(lr, (16, 18, 14)), expected)
+
+
+def test_baseline_config_errors(tmp_path):
+    import dataclasses
+
+    from arssr_jax.cli import main as cli_main
+    from arssr_jax.training import load_inference_params, train
+
+    config = small_baseline_config()
+    with pytest.raises(ArSSRError, match="scale_min == scale_max"):
+        config.replace(data=dataclasses.replace(config.data, scale_max=3.0)).validate()
+    with pytest.raises(ArSSRError, match=r"val.scales=\(2,\)"):
+        config.replace(val=dataclasses.replace(config.val, scales=(2.0, 3.0))).validate()
+    with pytest.raises(ArSSRError, match="data.task='baseline'"):
+        config.replace(data=dataclasses.replace(config.data, task="arssr")).validate()
+    with pytest.raises(ArSSRError, match="no baseline is set"):
+        config.replace(baseline=None).validate()
+    with pytest.raises(ArSSRError, match="bad options"):
+        small_baseline_config(baseline=dataclasses.replace(config.baseline, options={"width": 3})).validate()
+    train(config, tmp_path / "run", steps=10, quiet=True)
+    with pytest.raises(ArSSRError, match="not ArSSR"):
+        load_inference_params(tmp_path / "run")
+    with pytest.raises(ArSSRError, match="not a baseline"):
+        B.load_baseline_run(_arssr_run(tmp_path / "arssr"))
+    assert cli_main(["train", "--workdir", str(tmp_path / "x"), "--scale", "2", "--quiet"]) == 2
+    assert cli_main(["train", "--workdir", str(tmp_path / "x"), "--baseline", "DCSRN", "--quiet"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def _arssr_run(workdir):
+    from arssr_jax.training import tiny, train
+
+    train(tiny(data_paths=(ANATOMICAL,)), workdir, steps=3, quiet=True)
+    return workdir
 
 
 def test_loading_bad_baseline_directories(tmp_path):

@@ -161,6 +161,27 @@ def test_centred_mode_on_linear_ramp():
     assert aa.shape == lr.shape and aa.std() < lr.std()
 
 
+def test_baseline_samples_are_tricubic_input_and_hr_target(volumes):
+    """task='baseline': input = the LR patch tricubic-upsampled onto the HR patch's grid
+    (the same LR and HR an ArSSR sample is cut from), target = that HR patch."""
+    from arssr_jax.interpolation import tricubic
+
+    config = DataConfig(**{**SMALL, "scale_min": 2.5, "scale_max": 2.5, "task": "baseline"})
+    sample = make_sample(volumes.arrays[0], config, np.random.default_rng(3))
+    hr, lr, scales = make_patch(volumes.arrays[0], config, np.random.default_rng(3))
+    assert set(sample) == {"input", "target"} and hr.shape == (15, 15, 15) and lr.shape == (6, 6, 6)
+    np.testing.assert_array_equal(sample["target"][..., 0], hr)
+    np.testing.assert_array_equal(sample["input"][..., 0], tricubic(lr, shape=hr.shape))
+    # interpolation, not the target: the input is smoother than the HR patch but close to it
+    assert 0 < np.mean(np.abs(sample["input"] - sample["target"])) < 0.1 * np.ptp(hr)
+    batch = next(iterator(volumes, scale_min=2.5, scale_max=2.5, task="baseline"))
+    assert batch["input"].shape == batch["target"].shape == (4, 15, 15, 15, 1)
+    with pytest.raises(ArSSRError, match="one isotropic scale"):
+        DataConfig(**{**SMALL, "task": "baseline"}).validate()
+    with pytest.raises(ArSSRError, match="task"):
+        DataConfig(**{**SMALL, "task": "points"}).validate()
+
+
 # -- pipeline -----------------------------------------------------------------
 
 def test_determinism_and_seed(volumes):

@@ -36,61 +36,69 @@ MULTI_DEVICE = textwrap.dedent("""
     import jax, numpy as np
     from arssr_jax.data import make_train_iterator
     from arssr_jax.errors import ArSSRError
-    from arssr_jax.models import build_model
-    from arssr_jax.training import tiny, create_train_state, make_optimizer, make_train_step
+    from arssr_jax.training import baseline, tiny, create_train_state, make_optimizer, make_task, make_train_step
     from arssr_jax.training import parallel
 
     assert jax.local_device_count() == 4, jax.devices()
-    config = tiny(data_paths=(sys.argv[1],))
-    config = config.replace(data=dataclasses.replace(config.data, batch_size=8))
-    model = build_model(config.model)
-    tx, schedule = make_optimizer(config.optim, steps_per_epoch=1)  # lr halves every 10 steps
-    state = create_train_state(model, tx, 0, (6, 6, 6), config.init_output)
-    iterator = make_train_iterator(config.data, process_index=0, process_count=1)
-    batches = [next(iterator) for _ in range(3)]
-    iterator.close()
 
-    single = jax.jit(make_train_step(model, tx, schedule))
-    s = state
-    losses_1 = []
-    for b in batches:
-        s, m = single(s, b)
-        losses_1.append(float(m["loss"]))
+    def compare(config):
+        config = config.replace(data=dataclasses.replace(config.data, batch_size=8))
+        task = make_task(config)
+        tx, schedule = make_optimizer(config.optim, steps_per_epoch=1)  # lr halves every 10 steps
+        state = create_train_state(task.init_params, tx, 0)
+        iterator = make_train_iterator(config.data, process_index=0, process_count=1)
+        batches = [next(iterator) for _ in range(3)]
+        iterator.close()
 
-    mapped = parallel.pmap_step(make_train_step(model, tx, schedule, axis_name=parallel.AXIS_NAME))
-    r = parallel.replicate(state)
-    losses_4 = []
-    for b in batches:
-        r, m = mapped(r, parallel.shard(b))
-        losses_4.append(np.asarray(m["loss"]).tolist())
-    p1 = jax.tree_util.tree_leaves(jax.device_get(s.params))
-    p4 = jax.tree_util.tree_leaves(jax.device_get(r.params))
-    worst = 0.0
-    for a, b in zip(p1, p4):
-        b = np.asarray(b)
-        assert b.shape == (4,) + a.shape
-        assert np.array_equal(b[0], b[3]), "replicas diverged"
-        np.testing.assert_allclose(b[0], a, rtol=1e-5, atol=1e-6)
-        worst = max(worst, float(np.max(np.abs(b[0] - a))))
-    assert int(np.asarray(r.step)[0]) == 3
+        single = jax.jit(make_train_step(task.loss, tx, schedule))
+        s = state
+        losses_1 = []
+        for b in batches:
+            s, m = single(s, b)
+            losses_1.append(float(m["loss"]))
+
+        mapped = parallel.pmap_step(make_train_step(task.loss, tx, schedule, axis_name=parallel.AXIS_NAME))
+        r = parallel.replicate(state)
+        losses_4 = []
+        for b in batches:
+            r, m = mapped(r, parallel.shard(b))
+            losses_4.append(np.asarray(m["loss"]).tolist())
+        p1 = jax.tree_util.tree_leaves(jax.device_get(s.params))
+        p4 = jax.tree_util.tree_leaves(jax.device_get(r.params))
+        worst = 0.0
+        for a, b in zip(p1, p4):
+            b = np.asarray(b)
+            assert b.shape == (4,) + a.shape
+            assert np.array_equal(b[0], b[3]), "replicas diverged"
+            np.testing.assert_allclose(b[0], a, rtol=1e-5, atol=1e-6)
+            worst = max(worst, float(np.max(np.abs(b[0] - a))))
+        assert int(np.asarray(r.step)[0]) == 3
+        return {"losses_1": losses_1, "losses_4": losses_4, "max_abs_diff": worst}
+
+    arssr = compare(tiny(data_paths=(sys.argv[1],)))
+    small = baseline("SRCNN3D", 2.0, data_paths=(sys.argv[1],), options={"kernels": [3, 1, 3], "filters": [8, 4]})
+    small = small.replace(data=dataclasses.replace(small.data, lr_size=6, patch_size=12))
+    srcnn = compare(small)
     try:
         parallel.device_batch(6)
         raise AssertionError("a batch of 6 over 4 devices must be refused")
     except ArSSRError as error:
         assert "divide evenly" in str(error)
-    print(json.dumps({"losses_1": losses_1, "losses_4": losses_4, "max_abs_diff": worst}))
+    print(json.dumps({"arssr": arssr, "baseline": srcnn}))
 """)
 
 
 def test_four_devices_match_one_device(tmp_path):
+    """ArSSR and a fixed-scale baseline: the pmapped step == the single-device step."""
     script = tmp_path / "multi_device.py"
     script.write_text(MULTI_DEVICE)
     result = subprocess.run([sys.executable, str(script), ANATOMICAL], env=_env(4), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    for loss, per_device in zip(report["losses_1"], report["losses_4"]):
-        np.testing.assert_allclose(per_device, [loss] * 4, rtol=1e-5)
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    for report in reports.values():
+        for loss, per_device in zip(report["losses_1"], report["losses_4"]):
+            np.testing.assert_allclose(per_device, [loss] * 4, rtol=1e-5)
 
 
 WORKER = textwrap.dedent("""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from arssr_jax.errors import ArSSRError
-from arssr_jax.models import build_model, predict
+from arssr_jax.models import predict
 from arssr_jax.training import (
     OptimConfig,
     TrainConfig,
@@ -20,6 +20,7 @@ from arssr_jax.training import (
     load_config,
     load_inference_params,
     make_optimizer,
+    make_task,
     make_train_step,
     tiny,
     train,
@@ -32,10 +33,11 @@ ANATOMICAL = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "a
 @pytest.fixture(scope="module")
 def tiny_setup():
     config = tiny(data_paths=(ANATOMICAL,))
-    model = build_model(config.model)
+    task = make_task(config)
+    model = task.model
     tx, schedule = make_optimizer(config.optim, steps_per_epoch=5)
-    state = create_train_state(model, tx, 0, (6, 6, 6), config.init_output)
-    step = jax.jit(make_train_step(model, tx, schedule))
+    state = create_train_state(task.init_params, tx, 0)
+    step = jax.jit(make_train_step(task.loss, tx, schedule))
     rng = np.random.default_rng(0)
     batch = {"lr": rng.random((2, 6, 6, 6, 1), np.float32),
              "coords": rng.uniform(-1, 1, (2, 64, 3)).astype(np.float32),
@@ -146,8 +148,8 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     """From step 3 on the targets are NaN: the run stops with a clear error, step 2 stays."""
     from arssr_jax.training import loop
 
-    def poisoned(model, tx, schedule, axis_name=None):
-        step = make_train_step(model, tx, schedule, axis_name)
+    def poisoned(loss_fn, tx, schedule, axis_name=None):
+        step = make_train_step(loss_fn, tx, schedule, axis_name)
 
         def poisoned_step(state, batch):
             values = jnp.where(state.step >= 2, jnp.nan, batch["values"])

@@ -11,6 +11,7 @@ from arssr_jax.errors import ArSSRError
 
 ROUNDINGS = ("none", "reference")
 DEGRADE_MODES = ("centred", "reference")
+TASKS = ("arssr", "baseline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,7 @@ class DataConfig:
     foreground_threshold: float = 0.05
     max_tries: int = 10
     augment: AugmentConfig = AugmentConfig()
+    task: str = "arssr"
 
     def __post_init__(self):
         paths = self.paths
@@ -157,6 +159,12 @@ class DataConfig:
             bad("rounding", f"use one of {ROUNDINGS}")
         if self.degrade not in DEGRADE_MODES:
             bad("degrade", f"use one of {DEGRADE_MODES}")
+        if self.task not in TASKS:
+            bad("task", f"use one of {TASKS}")
+        if self.task == "baseline" and (self.scale_min != self.scale_max or self.anisotropic
+                                        or self.rounding != "none"):
+            bad("task", "a fixed-scale baseline needs one isotropic scale: set scale_min == scale_max, "
+                "anisotropic=False and rounding='none'")
         if not (self.scale_min >= 1.0):
             bad("scale_min", "must be >= 1 (this pipeline only down-samples)")
         if not (self.scale_max >= self.scale_min):
@@ -169,7 +177,7 @@ class DataConfig:
         if hi > self.patch_size:
             bad("patch_size", f"must be >= int(lr_size * max scale) = {hi}; raise "
                 "patch_size or lower scale_max/lr_size")
-        if self.samples_per_step > lo ** 3:
+        if self.task == "arssr" and self.samples_per_step > lo ** 3:
             bad("samples_per_step", f"K must be <= {lo ** 3} HR voxels of the smallest HR "
                 f"patch ({lo}^3 at the smallest scale); lower K or raise scale_min")
         a = self.augment

@@ -198,6 +198,7 @@ def make_train_iterator(config: DataConfig, volumes=None, *,
 
     ``volumes``: anything :func:`load_volumes` takes (None: ``config.paths``).
     Each batch: ``{"lr": (b, n, n, n, 1), "coords": (b, K, 3), "values": (b, K, 1)}``
+    (``task='baseline'``: ``{"input": (b, m, m, m, 1), "target": (b, m, m, m, 1)}``)
     float32, b = batch_size // process_count, n = lr_size, K = samples_per_step.
     """
     config.validate()

@@ -21,6 +21,7 @@ import numpy as np
 from arssr_jax.coords import index_to_normalised, make_grid
 from arssr_jax.data.config import AugmentConfig, DataConfig
 from arssr_jax.data.degrade import degrade
+from arssr_jax.interpolation import tricubic
 
 
 def draw_scales(rng: np.random.Generator, config: DataConfig) -> np.ndarray:
@@ -124,8 +125,12 @@ def make_patch(volume: np.ndarray, config: DataConfig, rng: np.random.Generator,
 
 def make_sample(volume: np.ndarray, config: DataConfig,
                 rng: np.random.Generator) -> Dict[str, np.ndarray]:
-    """One training sample: lr (n, n, n, 1), coords (K, 3), values (K, 1), all float32."""
+    """One training sample, all float32. ``task='arssr'``: lr (n, n, n, 1), coords (K, 3),
+    values (K, 1). ``task='baseline'``: input (m, m, m, 1), the tricubic upsampling of the
+    LR patch onto the HR grid, and target (m, m, m, 1), the HR patch."""
     hr, lr, _ = make_patch(volume, config, rng)
+    if config.task == "baseline":
+        return {"input": tricubic(lr, shape=hr.shape)[..., None], "target": hr[..., None]}
     coords, values = sample_coords(hr, config.samples_per_step, rng)
     return {"lr": lr[..., None], "coords": coords, "values": values}
 

@@ -1,10 +1,13 @@
-"""Command line of ``eval/evaluate.py``: the evaluation, and training a fixed-scale baseline.
+"""Command line of ``eval/evaluate.py``.
 
     python eval/evaluate.py HR.nii [HR_DIR ...] --out results/ [--scales 2 2.5 3 3.5 4]
         [--degradation centred|reference] [--arssr [LABEL=]DIR_OR_NAME ...]
         [--baseline NAME:DIR ...] [--nearest] [--metrics psnr,ssim,psi,lpc_si,dice] [--quiet]
     python eval/evaluate.py --real LR.nii [...] --out results_real/ [--scales 2 3 4] ...
-    python eval/evaluate.py train-baseline SRCNN3D --scale 2 --data HR_DIR --steps 2000 --out models/srcnn3d_x2
+
+Fixed-scale baselines are trained by the training system (``arssr-jax train --baseline
+SRCNN3D --scale 2 --data HR_DIR --workdir runs/srcnn3d_x2``); ``--baseline NAME:DIR``
+takes that workdir or a model directory exported from it.
 
 User errors print one line on stderr and exit with status 2.
 """
@@ -12,7 +15,6 @@ User errors print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arssr", action="append", default=[], metavar="[LABEL=]MODEL",
                    help="an ArSSR model directory, training workdir or shipped name (repeatable)")
     p.add_argument("--baseline", action="append", default=[], metavar="NAME:DIR",
-                   help="a trained fixed-scale baseline directory, shown as NAME (repeatable: one per scale)")
+                   help="a trained fixed-scale baseline (training workdir or exported directory), shown as NAME "
+                   "(repeatable: one per scale)")
     p.add_argument("--nearest", action="store_true", help="add a nearest-neighbour row (sanity floor)")
     p.add_argument("--metrics", default="psnr,ssim,psi,lpc_si,dice",
                    help="comma-separated subset of psnr,ssim,psi,lpc_si,dice (real scans: psi,lpc_si only)")
@@ -57,26 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--tile", type=int, default=64, help="tile size (voxels) for the baseline CNNs")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    return p
-
-
-def build_train_parser() -> argparse.ArgumentParser:
-    from arssr_jax.models.baselines import BASELINES
-
-    p = argparse.ArgumentParser(prog=f"{PROG} train-baseline",
-                                description="Train one fixed-scale baseline CNN (Adam, L1, random patches) and save it.")
-    p.add_argument("name", choices=sorted(BASELINES))
-    p.add_argument("--scale", type=float, required=True)
-    p.add_argument("--data", nargs="+", required=True, help="HR training volumes (files, directories, list files)")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--out", required=True, help="baseline model directory to write")
-    p.add_argument("--patch-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--degradation", choices=["centred", "reference"], default="centred")
-    p.add_argument("--options", default="{}", help='architecture options as JSON, e.g. \'{"num_features": 32}\'')
-    p.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -141,44 +124,11 @@ def run_evaluation(args) -> list[Path]:
     return written
 
 
-def run_training(args) -> Path:
-    from arssr_jax.data.volumes import load_volumes
-    from arssr_jax.models.baselines import save_baseline, train_baseline
-
-    try:
-        options = json.loads(args.options)
-        if not isinstance(options, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as error:
-        raise ArSSRError(f"--options {args.options!r} is not a JSON object ({error})") from None
-    if args.scale < 1:
-        raise ArSSRError(f"--scale {args.scale} must be >= 1")
-    if args.patch_size < 4 or args.batch_size < 1:
-        raise ArSSRError("--patch-size must be >= 4 and --batch-size >= 1")
-    out = Path(args.out)
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise ArSSRError(f"--out {out}: folder {out.parent} does not exist; create it first")
-    volumes = load_volumes(args.data)
-    module, params, losses = train_baseline(
-        args.name, volumes.arrays, args.scale, args.steps, options=options, patch_size=args.patch_size,
-        batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, degradation=args.degradation,
-        progress=not args.quiet)
-    metadata = {"steps": args.steps, "patch_size": args.patch_size, "batch_size": args.batch_size,
-                "learning_rate": args.lr, "seed": args.seed, "degradation": args.degradation,
-                "final_loss": losses[-1], "data": list(volumes.names)}
-    save_baseline(out, args.name, args.scale, params, options, metadata)
-    if not args.quiet:
-        print(f"wrote {out}: {args.name} x{args.scale:g}, final L1 {losses[-1]:.4f}")
-    return out
-
-
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    training = bool(argv) and argv[0] == "train-baseline"
-    parser = build_train_parser() if training else build_parser()
-    args = parser.parse_args(argv[1:] if training else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        run_training(args) if training else run_evaluation(args)
+        run_evaluation(args)
     except ArSSRError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

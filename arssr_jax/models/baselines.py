@@ -1,16 +1,7 @@
 """Baselines of the ArSSR paper's comparison (REFERENCE.md section 5).
 
-Interpolation (functions, not networks), both onto the voxel-centre HR grid ArSSR
-decodes: HR voxel i of m along an axis of n LR voxels sits at the continuous LR
-index p = (i + 0.5) * n / m - 0.5 (the centre of the same [-1, 1] cube):
-
-* :func:`tricubic` - order-3 B-spline interpolation (``scipy.ndimage.map_coordinates``
-  with the spline prefilter), boundary mode ``'reflect'`` (half-sample symmetric:
-  the signal is mirrored about the outer voxel *faces*, the faces of the [-1, 1] cube,
-  as in the centred LR simulation of ``arssr_jax.data.degrade``). It equals
-  ``scipy.ndimage.zoom(lr, m / n, order=3, grid_mode=True, mode='reflect')``
-  whenever that zoom gives m voxels.
-* :func:`nearest` - nearest-neighbour on the same grid (a sanity floor).
+Interpolation (``tricubic``, ``nearest``; re-exported here) lives in
+:mod:`arssr_jax.interpolation`.
 
 Fixed-scale CNNs (flax linen, channels-last ``(N, X, Y, Z, 1)``). Each takes the
 tricubic-upsampled LR volume (already the HR size) and returns the HR estimate; one
@@ -41,85 +32,29 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
-from scipy import ndimage
 
 from arssr_jax.errors import ArSSRError
+from arssr_jax.interpolation import (  # noqa: F401 (re-exported: baselines of the comparison)
+    INTERPOLATORS,
+    TRICUBIC_BOUNDARY_MODE,
+    hr_positions,
+    interpolation_matrix,
+    nearest,
+    tricubic,
+)
 from arssr_jax.models.conv import Conv3d
 from arssr_jax.models.encoders import ResCNN
 
-TRICUBIC_BOUNDARY_MODE = "reflect"
 BASELINE_FORMAT = "arssr-jax-baseline/1"
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.msgpack"
-
-
-# --------------------------------------------------------------------------- interpolation
-
-
-def hr_positions(n: int, m: int) -> np.ndarray:
-    """Continuous LR indices of the ``m`` HR voxel centres over an axis of ``n`` LR voxels."""
-    return (np.arange(m, dtype=np.float64) + 0.5) * (n / m) - 0.5
-
-
-def _target_shape(lr_shape, shape=None, scale=None) -> tuple:
-    if shape is not None:
-        shape = tuple(int(m) for m in shape)
-        if len(shape) != len(lr_shape) or any(m < 1 for m in shape):
-            raise ArSSRError(f"target shape {shape} must be {len(lr_shape)} positive integers")
-        return shape
-    if scale is None:
-        raise ArSSRError("give a target shape or a scale")
-    scales = np.broadcast_to(np.asarray(scale, np.float64), (len(lr_shape),))
-    if not np.all(np.isfinite(scales)) or np.any(scales <= 0):
-        raise ArSSRError(f"scale must be positive and finite, got {scale}")
-    return tuple(max(1, int(np.floor(n * s + 1e-9))) for n, s in zip(lr_shape, scales))
-
-
-def interpolation_matrix(n: int, m: int, order: int = 3, mode: str = TRICUBIC_BOUNDARY_MODE) -> np.ndarray:
-    """(m, n) matrix W: the order-``order`` spline interpolant of any n samples, evaluated
-    at the m HR voxel centres, is W @ samples (prefilter included; float64)."""
-    positions = hr_positions(n, m)[None]
-    columns = [ndimage.map_coordinates(np.eye(n)[j], positions, order=order, mode=mode, prefilter=order > 1,
-                                       output=np.float64) for j in range(n)]
-    return np.stack(columns, axis=1)
-
-
-def _interpolate(lr, order: int, shape=None, scale=None, mode: str = TRICUBIC_BOUNDARY_MODE) -> np.ndarray:
-    lr = np.asarray(lr)
-    if lr.ndim != 3:
-        raise ArSSRError(f"interpolation needs a 3D volume, got shape {lr.shape}")
-    shape = _target_shape(lr.shape, shape, scale)
-    data = lr.astype(np.float64)
-    # A tensor-product spline is separable: apply one 1D interpolation matrix per axis
-    # (identical to map_coordinates over the 3D grid, and much cheaper).
-    for axis, (n, m) in enumerate(zip(lr.shape, shape)):
-        weights = interpolation_matrix(n, m, order, mode)
-        data = np.moveaxis(np.tensordot(weights, data, axes=(1, axis)), 0, axis)
-    return data.astype(np.float32)
-
-
-def tricubic(lr, shape=None, scale=None, mode: str = TRICUBIC_BOUNDARY_MODE) -> np.ndarray:
-    """Order-3 spline upsampling of ``lr`` onto the voxel-centre HR grid.
-
-    ``shape``: the HR shape (preferred: decode by target shape); else ``scale`` gives
-    int(n * s) voxels per axis as ArSSR's grid does. Computed in float64, returned float32.
-    """
-    return _interpolate(lr, 3, shape, scale, mode)
-
-
-def nearest(lr, shape=None, scale=None) -> np.ndarray:
-    """Nearest-neighbour upsampling onto the same voxel-centre HR grid."""
-    return _interpolate(lr, 0, shape, scale, "nearest")
-
-
-INTERPOLATORS: dict[str, Callable] = {"tricubic": tricubic, "nearest": nearest}
 
 
 # --------------------------------------------------------------------------- networks
@@ -290,8 +225,11 @@ def is_baseline_dir(directory) -> bool:
 
 
 def load_baseline(directory) -> tuple[nn.Module, dict, dict]:
-    """(module, params, document) of a baseline directory, shapes checked against its config."""
+    """(module, params, document) of a baseline model directory, or of a training workdir
+    of a baseline (its best checkpoint); shapes checked against the config."""
     directory = Path(directory)
+    if (directory / "train_config.json").is_file():
+        return load_baseline_run(directory)
     config_path, params_path = directory / CONFIG_FILE, directory / PARAMS_FILE
     if not config_path.is_file() or not params_path.is_file():
         raise ArSSRError(f"{directory} is not a baseline model directory (needs {CONFIG_FILE} and {PARAMS_FILE})")
@@ -307,87 +245,30 @@ def load_baseline(directory) -> tuple[nn.Module, dict, dict]:
         params = serialization.msgpack_restore(params_path.read_bytes())
     except Exception as error:  # msgpack raises several unrelated types
         raise ArSSRError(f"{params_path} is damaged ({type(error).__name__}); save the baseline again") from None
-    expected = jax.eval_shape(lambda: init_baseline(module, jax.random.key(0)))
-    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
-    have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    if want != have:
-        raise ArSSRError(f"parameters in {directory} do not fit its {name} config; the model files are inconsistent")
+    _check_params(module, params, name, directory)
     document["scale"] = scale
     return module, params, document
 
 
-# --------------------------------------------------------------------------- training
+def load_baseline_run(workdir, step=None) -> tuple[nn.Module, dict, dict]:
+    """(module, params, document) of a baseline's training workdir: checkpoint ``step``,
+    else the best by validation L1, else the latest (``document`` as in a model directory)."""
+    from arssr_jax.training.checkpoints import load_trained
 
-
-def make_training_pairs(hr_volumes, scale: float, degradation: str = "centred") -> list[tuple[np.ndarray, np.ndarray]]:
-    """(cubic-upsampled simulated LR, HR) per volume, exactly as the evaluation builds them."""
-    from arssr_jax.evaluation.simulate import simulate_lr
-
-    pairs = []
-    for hr in hr_volumes:
-        hr = np.asarray(hr, np.float32)
-        lr = simulate_lr(hr, scale, degradation)
-        pairs.append((tricubic(lr, shape=hr.shape), hr))
-    return pairs
-
-
-def _random_patches(pairs, patch: int, batch: int, rng: np.random.Generator):
-    xs, ys = [], []
-    # One patch shape for the whole batch: patch^3, cut down to the smallest volume.
-    size = [min([patch] + [y.shape[a] for _, y in pairs]) for a in range(3)]
-    for _ in range(batch):
-        x, y = pairs[int(rng.integers(len(pairs)))]
-        start = [int(rng.integers(0, n - s + 1)) for n, s in zip(y.shape, size)]
-        region = tuple(slice(a, a + s) for a, s in zip(start, size))
-        xs.append(x[region])
-        ys.append(y[region])
-    return np.stack(xs)[..., None], np.stack(ys)[..., None]
-
-
-def train_baseline(name: str, hr_volumes, scale: float, steps: int, *, options: dict | None = None,
-                   patch_size: int = 32, batch_size: int = 4, learning_rate: float = 1e-4, seed: int = 0,
-                   degradation: str = "centred", params=None, progress: bool = False,
-                   log: Callable[[int, float], None] | None = None):
-    """Train a fixed-scale baseline with Adam on the mean L1 loss of random patch pairs.
-
-    ``hr_volumes``: 3D arrays normalised to [0, 1]. Each step draws ``batch_size``
-    patches of ``patch_size``^3 voxels at the same place in the HR volume and in its
-    cubic-upsampled simulated LR (:func:`make_training_pairs`). The step is a pure
-    jitted function ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
-
-    Returns ``(module, params, losses)``.
-    """
-    import optax
-
+    config, params, step = load_trained(workdir, step)
+    if config.baseline is None:
+        raise ArSSRError(f"{workdir} is an ArSSR training run, not a baseline; pass it as --arssr {workdir}")
+    name, options = config.baseline.name, dict(config.baseline.options)
     module = build_baseline(name, options)
-    if steps < 1:
-        raise ArSSRError(f"steps must be >= 1, got {steps}")
-    pairs = make_training_pairs(hr_volumes, scale, degradation)
-    rng = np.random.default_rng(seed)
-    if params is None:
-        params = init_baseline(module, jax.random.key(seed))
-    optimiser = optax.adam(learning_rate)
-    opt_state = optimiser.init(params)
+    _check_params(module, params, name, workdir)
+    document = {"format": BASELINE_FORMAT, "baseline": name, "scale": config.baseline_scale, "options": options,
+                "metadata": {"source": str(workdir), "step": int(step), "config": config.name}}
+    return module, params, document
 
-    @jax.jit
-    def step(params, opt_state, x, y):
-        def loss_fn(p):
-            return jnp.mean(jnp.abs(module.apply({"params": p}, x) - y))
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimiser.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    from tqdm.auto import tqdm
-
-    losses = []
-    bar = tqdm(range(steps), desc=f"train {name} x{scale:g}", disable=None if progress else True)
-    for t in bar:
-        x, y = _random_patches(pairs, patch_size, batch_size, rng)
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(x), jnp.asarray(y))
-        losses.append(float(loss))
-        if log is not None:
-            log(t, losses[-1])
-        if progress and t % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return module, params, losses
+def _check_params(module, params, name, where) -> None:
+    expected = jax.eval_shape(lambda: init_baseline(module, jax.random.key(0)))
+    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    if want != have:
+        raise ArSSRError(f"parameters in {where} do not fit its {name} config; the model files are inconsistent")

@@ -11,8 +11,9 @@ Saves are synchronous and atomic: orbax writes into a temporary directory and re
 it only once everything is on disk, so a crash mid-save never touches the last good
 checkpoint (leftover temporary directories are removed when the store is reopened).
 
-:func:`load_inference_params` gives ``(ModelConfig, params)`` from a workdir's best
-checkpoint (else its latest), which is how ``--model WORKDIR`` loads a training run.
+:func:`load_trained` gives ``(TrainConfig, params, step)`` of a workdir's best checkpoint
+(else its latest); :func:`load_inference_params` narrows it to ``(ModelConfig, params)``
+of an ArSSR run, which is how ``--model WORKDIR`` loads a training run.
 """
 
 from __future__ import annotations
@@ -117,11 +118,10 @@ def _numpy_tree(tree):
     return np.asarray(tree, dtype=np.float32)
 
 
-def load_inference_params(workdir, step: Optional[int] = None):
-    """(ModelConfig, params) of a training workdir: checkpoint ``step``, else the best by
-    validation L1, else the latest."""
+def load_trained(workdir, step: Optional[int] = None):
+    """(TrainConfig, params, step) of a training workdir: checkpoint ``step``, else the best
+    by validation L1, else the latest. Parameters are numpy arrays, as saved."""
     from arssr_jax.training.config import CONFIG_FILE, load_config
-    from arssr_jax.weights.model_dir import check_params
 
     workdir = Path(workdir)
     if not (workdir / CONFIG_FILE).is_file():
@@ -140,5 +140,16 @@ def load_inference_params(workdir, step: Optional[int] = None):
         params = store.restore_params(step)
     finally:
         store.close()
+    return config, params, step
+
+
+def load_inference_params(workdir, step: Optional[int] = None):
+    """(ModelConfig, params) of an ArSSR training workdir (see :func:`load_trained`)."""
+    from arssr_jax.weights.model_dir import check_params
+
+    config, params, step = load_trained(workdir, step)
+    if config.baseline is not None:
+        raise ArSSRError(f"{workdir} trained the fixed-scale baseline {config.baseline.name} (x{config.baseline_scale:g}), "
+                         "not ArSSR; evaluate it with eval/evaluate.py --baseline NAME:DIR")
     check_params(config.model, params, f"{workdir} (step {step})")
     return config.model, params

@@ -80,6 +80,21 @@ class ValidationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """A fixed-scale baseline CNN to train instead of ArSSR (``arssr_jax.models.baselines``).
+
+    name:    ``SRCNN3D``, ``DCSRN`` or ``ResCNN``.
+    options: keyword arguments of its module (e.g. ``{"filters": [32, 16]}``); {} = defaults.
+
+    Its one scale is the data's (``data.scale_min == data.scale_max``); the data must
+    be ``task='baseline'`` and the validation scales just that scale.
+    """
+
+    name: str = "SRCNN3D"
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; ``train_config.json`` in the workdir is this, as JSON.
 
@@ -90,6 +105,8 @@ class TrainConfig:
                     has its own ``data.seed``).
     log_every:      steps between JSONL log records (losses are averaged over them).
     keep_last:      recent checkpoints kept, besides the best by validation L1.
+    baseline:       None trains ArSSR (``model``); a :class:`BaselineConfig` trains that
+                    fixed-scale CNN instead (``model`` is then unused).
     init_output:    None keeps the model's initialisation; a value v zeroes the decoder's
                     last layer's weights and sets its bias to v, so training starts from
                     the prediction v everywhere with the final ReLU active. (With random
@@ -109,6 +126,7 @@ class TrainConfig:
     log_every: int = 10
     keep_last: int = 3
     init_output: Optional[float] = None
+    baseline: Optional[BaselineConfig] = None
 
     # -- derived quantities ----------------------------------------------------
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -136,6 +154,11 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ArSSRError naming the first bad field; return self."""
+        if self.baseline is not None:
+            self._validate_baseline()
+        elif self.data.task != "arssr":
+            raise ArSSRError(f"data.task={self.data.task!r} but no baseline is set; set data.task='arssr' "
+                             "or give a baseline (e.g. arssr-jax train --baseline SRCNN3D --scale 2)")
         self.data.validate()
         o = self.optim
         if not (o.learning_rate > 0):
@@ -161,6 +184,21 @@ class TrainConfig:
                              f"data.patch_size={self.data.patch_size}; lower the scales")
         return self
 
+    def _validate_baseline(self) -> None:
+        from arssr_jax.models.baselines import build_baseline
+
+        build_baseline(self.baseline.name, self.baseline.options)  # names and options checked
+        scale = self.data.scale_min
+        if self.data.task != "baseline":
+            raise ArSSRError(f"baseline {self.baseline.name}: set data.task='baseline' (it is {self.data.task!r})")
+        if tuple(self.val.scales) != (scale,):
+            raise ArSSRError(f"baseline {self.baseline.name} serves scale {scale:g} only; set val.scales=({scale:g},)")
+
+    @property
+    def baseline_scale(self) -> Optional[float]:
+        """The one scale a baseline run trains for (None for ArSSR)."""
+        return None if self.baseline is None else float(self.data.scale_min)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -176,6 +214,7 @@ class TrainConfig:
                 "data": lambda d: _build(DataConfig, d, augment=lambda a: _build(AugmentConfig, a)),
                 "optim": lambda d: _build(OptimConfig, d),
                 "val": lambda d: _build(ValidationConfig, d),
+                "baseline": lambda d: None if d is None else _build(BaselineConfig, d),
             }
             return _build(cls, values, **nested)
         except (TypeError, ValueError) as error:
@@ -286,6 +325,35 @@ def tiny(data_paths=None, val_paths=()) -> TrainConfig:
         log_every=1,
         keep_last=2,
         init_output=0.5,
+    )
+
+
+def baseline(name: str, scale: float, data_paths=None, val_paths=(), options=None) -> TrainConfig:
+    """A fixed-scale baseline CNN (SRCNN3D, DCSRN, ResCNN) trained for one ``scale``.
+
+    The paper trains each baseline with the same recipe as ArSSR: L1 loss, Adam 1e-4;
+    the input is the LR patch upsampled back to the HR grid by tricubic interpolation.
+    HR patches of about 32^3 voxels (LR round(32 / scale)^3), batch 4, voxel-centred
+    degradation; 100 steps per epoch, validation every 2 epochs on 4 patches per volume.
+    ``options``: the module's keyword arguments (default: the paper-sized network).
+    Data default: :func:`sample_volume_path`.
+    """
+    if data_paths is None:
+        data_paths = (sample_volume_path(),)
+    scale = float(scale)
+    lr_size = max(2, int(round(32 / scale)))
+    patch = int(lr_size * scale)
+    return TrainConfig(
+        name=f"baseline_{name}_x{scale:g}",
+        data=DataConfig(paths=data_paths, patch_size=patch, margin=0, lr_size=lr_size, scale_min=scale,
+                        scale_max=scale, degrade="centred", batch_size=4, samples_per_volume=400,
+                        seed=0, worker_count=0, read_threads=1, prefetch=2, task="baseline"),
+        optim=OptimConfig(learning_rate=1e-4, decay_every_epochs=200, decay_factor=0.5),
+        val=ValidationConfig(paths=val_paths, scales=(scale,), patches_per_volume=4, every_epochs=2.0),
+        epochs=20,
+        log_every=10,
+        keep_last=2,
+        baseline=BaselineConfig(name=name, options=dict(options or {})),
     )
 
 

@@ -25,12 +25,13 @@ import jax
 
 from arssr_jax.data import load_volumes, make_train_iterator, validation_samples
 from arssr_jax.errors import ArSSRError
-from arssr_jax.models import build_model, count_params
+from arssr_jax.models import count_params
 from arssr_jax.training import parallel
 from arssr_jax.training.checkpoints import CheckpointStore
 from arssr_jax.training.config import CONFIG_FILE, TrainConfig, config_differences, load_config, save_config
 from arssr_jax.training.state import create_train_state, make_optimizer
-from arssr_jax.training.step import Validator, make_train_step
+from arssr_jax.training.step import make_train_step
+from arssr_jax.training.tasks import make_task
 
 LOG_FILE = "log.jsonl"
 
@@ -43,7 +44,7 @@ class TrainResult:
     steps_per_epoch: int
     best_step: Optional[int]
     validation: dict               # the last validation metrics
-    trilinear: dict                # the same metrics for trilinear interpolation of the LR
+    interpolation: dict            # the same metrics for interpolation of the LR (the bar to clear)
     samples_per_s: Optional[float]  # mean training throughput after compilation
 
 
@@ -103,14 +104,14 @@ def prepare_workdir(config: TrainConfig, workdir) -> Path:
     return workdir
 
 
-def build_validator(config: TrainConfig, model, train_volumes, val_volumes=None) -> Validator:
+def build_validator(config: TrainConfig, task, train_volumes, val_volumes=None):
     source = val_volumes if val_volumes is not None else (config.val.paths or train_volumes)
     volumes = load_volumes(source)
     if config.val.max_volumes is not None:
         volumes = type(volumes)(volumes.arrays[:config.val.max_volumes], volumes.names[:config.val.max_volumes])
     samples = validation_samples(volumes, config.data, scales=config.val.scales,
                                  patches_per_volume=config.val.patches_per_volume, seed=config.val.seed)
-    return Validator(model, samples, chunk=config.val.chunk)
+    return task.validator(samples, config.val.chunk)
 
 
 def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=None, val_volumes=None,
@@ -134,9 +135,9 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
     steps_per_epoch = config.data.steps_per_epoch(len(train_volumes))
     total = config.total_steps(steps_per_epoch)
     eval_every = config.eval_every_steps(steps_per_epoch)
-    model = build_model(config.model)
+    task = make_task(config)
     tx, schedule = make_optimizer(config.optim, steps_per_epoch)
-    state = create_train_state(model, tx, config.seed, (config.data.lr_size,) * 3, config.init_output)
+    state = create_train_state(task.init_params, tx, config.seed)
 
     store = CheckpointStore(workdir, keep_last=config.keep_last)
     start = store.latest_step() or 0
@@ -150,29 +151,32 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
     log = RunLog(workdir, enabled=main, quiet=quiet)
     iterator = None
     try:
-        validator = build_validator(config, model, train_volumes, val_volumes)
-        trilinear = validator.trilinear_baseline()
+        validator = build_validator(config, task, train_volumes, val_volumes)
+        interpolation = validator.interpolation()
+        interp_name = validator.interpolation_name
         iterator = make_train_iterator(config.data, train_volumes, start_step=start)
         if data_state:
             iterator.set_state(data_state)
-        log.say(f"{config.name}: {config.model.encoder}, {count_params(state.params):,} parameters; "
+        log.say(f"{config.name}: {task.description}, {count_params(state.params):,} parameters; "
                 f"{len(train_volumes)} training volume(s), {len(validator.samples)} validation patches; "
                 f"global batch {config.data.batch_size} = {jax.process_count()} process(es) x "
                 f"{jax.local_device_count()} device(s) x {per_device}; {steps_per_epoch} steps/epoch; "
                 + (f"resuming at step {start} of {total}" if start else f"{total} steps") + f"; workdir {workdir}")
         if not start:
             log.record(step=0, event="start", config=config.name, parameters=count_params(state.params),
-                       steps_per_epoch=steps_per_epoch, total_steps=total, trilinear=trilinear,
+                       steps_per_epoch=steps_per_epoch, total_steps=total, interpolation=interpolation,
+                       interpolation_name=interp_name,
                        processes=jax.process_count(), local_devices=jax.local_device_count())
-            log.say(f"trilinear interpolation on the validation patches: L1 {trilinear.get('val_l1', float('nan')):.4f}, "
-                    f"PSNR {trilinear.get('val_psnr', float('nan')):.2f} dB ({_by_scale(trilinear)})")
+            log.say(f"{interp_name} interpolation on the validation patches: L1 "
+                    f"{interpolation.get('val_l1', float('nan')):.4f}, PSNR "
+                    f"{interpolation.get('val_psnr', float('nan')):.2f} dB ({_by_scale(interpolation)})")
         if start >= total:
             log.say(f"nothing to do: the run is at step {start} of {total}")
             return TrainResult(workdir, start, total, steps_per_epoch, store.best_step(),
-                               store.metrics(start) or {}, trilinear, None)
-        return _run(config, model, tx, schedule, state, iterator, validator, store, log,
+                               store.metrics(start) or {}, interpolation, None)
+        return _run(config, task, tx, schedule, state, iterator, validator, store, log,
                     start=start, total=total, eval_every=eval_every, steps_per_epoch=steps_per_epoch,
-                    trilinear=trilinear, workdir=workdir)
+                    interpolation=interpolation, workdir=workdir)
     finally:
         if iterator is not None:
             iterator.close()
@@ -180,11 +184,11 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
         store.close()
 
 
-def _run(config, model, tx, schedule, state, iterator, validator, store, log, *, start, total, eval_every,
-         steps_per_epoch, trilinear, workdir) -> TrainResult:
+def _run(config, task, tx, schedule, state, iterator, validator, store, log, *, start, total, eval_every,
+         steps_per_epoch, interpolation, workdir) -> TrainResult:
     from tqdm import tqdm
 
-    p_step = parallel.pmap_step(make_train_step(model, tx, schedule, axis_name=parallel.AXIS_NAME))
+    p_step = parallel.pmap_step(make_train_step(task.loss, tx, schedule, axis_name=parallel.AXIS_NAME))
     rstate = parallel.replicate(state)
     global_batch = config.data.batch_size
     log.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
@@ -204,7 +208,7 @@ def _run(config, model, tx, schedule, state, iterator, validator, store, log, *,
             raise ArSSRError(f"training stopped at step {step_no}: the loss became {loss} (grad norm "
                              f"{float(values['grad_norm'])}); {kept} in {workdir}. Lower optim.learning_rate, "
                              "set optim.clip_grad_norm, or check the training volumes")
-        if step_no == 1 and float(values["grad_norm"]) == 0.0:
+        if step_no == 1 and task.checks_dead_output and float(values["grad_norm"]) == 0.0:
             raise ArSSRError("the model's output is zero for every input at initialisation (its final ReLU is "
                              "closed), so it cannot learn; set init_output (e.g. 0.5) or change seed in the config")
         now = time.perf_counter()
@@ -270,4 +274,4 @@ def _run(config, model, tx, schedule, state, iterator, validator, store, log, *,
     log.bar.close()
     log.say(f"done: step {step_no}, best checkpoint step {best}"
             + (f", {rate:.1f} samples/s" if rate else ""))
-    return TrainResult(workdir, step_no, total, steps_per_epoch, best, validation, trilinear, rate)
+    return TrainResult(workdir, step_no, total, steps_per_epoch, best, validation, interpolation, rate)

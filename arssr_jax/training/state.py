@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Tuple
 
 import flax.struct
 import jax
@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from arssr_jax.models import ArSSR, init_params
 from arssr_jax.training.config import OptimConfig
 
 
@@ -54,9 +53,8 @@ def make_optimizer(optim: OptimConfig, steps_per_epoch: int) -> Tuple[optax.Grad
     return adam, schedule
 
 
-def create_train_state(model: ArSSR, tx: optax.GradientTransformation, seed: int,
-                       lr_shape=(4, 4, 4), init_output: Optional[float] = None) -> TrainState:
-    """A fresh state: parameters from ``seed``, Adam moments at zero, step 0.
+def create_train_state(init_params: Callable, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state: parameters ``init_params(key)`` from ``seed``, Adam moments at zero, step 0.
 
     Built in one jitted call. Eager initialisation compiles every op separately, and on
     CPU, XLA's optimising compile of the threefry random-bit generators takes tens of
@@ -66,9 +64,7 @@ def create_train_state(model: ArSSR, tx: optax.GradientTransformation, seed: int
 
     def build(key):
         init_key, state_key = jax.random.split(key)
-        params = init_params(model, init_key, tuple(lr_shape))
-        if init_output is not None:
-            params = set_output_layer(params, init_output)
+        params = init_params(init_key)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=state_key)
 

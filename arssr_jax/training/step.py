@@ -1,8 +1,9 @@
 """Pure training and validation steps.
 
-``train_step(state, batch) -> (state, metrics)`` with ``batch = {"lr": (b, n, n, n, 1),
-"coords": (b, K, 3), "values": (b, K, 1)}``; loss = mean |pred - values| over all b*K
-predictions. With ``axis_name`` set (inside ``jax.pmap``) the loss and gradients are
+``train_step(state, batch) -> (state, metrics)`` for any ``loss_fn(params, batch)``
+(:mod:`arssr_jax.training.tasks` gives ArSSR's and the baselines'). ArSSR: ``batch =
+{"lr": (b, n, n, n, 1), "coords": (b, K, 3), "values": (b, K, 1)}``, loss = mean
+|pred - values| over all b*K predictions. With ``axis_name`` set (inside ``jax.pmap``) the loss and gradients are
 averaged over the mapped devices with ``lax.pmean``, so every device applies the same
 update: the global batch's mean gradient, as one device would compute it.
 
@@ -27,13 +28,19 @@ def l1_loss(pred, values):
     return jnp.mean(jnp.abs(pred.astype(jnp.float32) - values.astype(jnp.float32)))
 
 
-def make_train_step(model: ArSSR, tx: optax.GradientTransformation, schedule: Callable,
-                    axis_name: Optional[str] = None) -> Callable:
-    """The pure step for ``model``/``tx``; pass ``axis_name`` when it runs under pmap."""
+def arssr_loss(model: ArSSR) -> Callable:
+    """Mean L1 of the model's predictions at the batch's coordinates."""
 
     def loss_fn(params, batch):
         pred = model.apply({"params": params}, batch["lr"], batch["coords"])
         return l1_loss(pred, batch["values"])
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable,
+                    axis_name: Optional[str] = None) -> Callable:
+    """The pure step for ``loss_fn(params, batch)``/``tx``; pass ``axis_name`` under pmap."""
 
     def train_step(state: TrainState, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
@@ -97,7 +104,9 @@ class Validator:
             by_scale.setdefault(_scale_key(sample), []).append(p)
         return _summary(l1s, psnrs, by_scale)
 
-    def trilinear_baseline(self) -> dict:
+    interpolation_name = "trilinear"
+
+    def interpolation(self) -> dict:
         """The same metrics for trilinear interpolation of the LR patch at the HR voxel
         centres (edge values repeated beyond the outermost LR voxel centres)."""
         from scipy import ndimage
@@ -113,6 +122,43 @@ class Validator:
             psnrs.append(psnr(pred, hr))
             by_scale.setdefault(_scale_key(sample), []).append(psnrs[-1])
         return _summary(l1s, psnrs, by_scale)
+
+
+class BaselineValidator:
+    """A fixed-scale baseline CNN on whole validation patches: mean L1 and PSNR.
+
+    Each patch's input is its LR tricubic-upsampled onto the HR grid (computed once);
+    :meth:`interpolation` scores that input itself, the bar the CNN must clear.
+    """
+
+    interpolation_name = "tricubic"
+
+    def __init__(self, module, samples):
+        from arssr_jax.interpolation import tricubic
+
+        self.samples = list(samples)
+        self.inputs = [tricubic(s["lr"][..., 0], shape=s["hr"].shape[:3]) for s in self.samples]
+        self._apply = jax.jit(lambda params, x: module.apply({"params": params}, x))
+
+    def predict(self, params, index: int) -> np.ndarray:
+        x = jnp.asarray(self.inputs[index])[None, ..., None]
+        return np.asarray(self._apply(params, x))[0]
+
+    def _score(self, predict) -> dict:
+        l1s, psnrs, by_scale = [], [], {}
+        for i, sample in enumerate(self.samples):
+            hr = np.asarray(sample["hr"], np.float32)
+            pred = np.asarray(predict(i), np.float32).reshape(hr.shape)
+            l1s.append(float(np.mean(np.abs(pred - hr))))
+            psnrs.append(psnr(pred, hr))
+            by_scale.setdefault(_scale_key(sample), []).append(psnrs[-1])
+        return _summary(l1s, psnrs, by_scale)
+
+    def __call__(self, params) -> dict:
+        return self._score(lambda i: self.predict(params, i))
+
+    def interpolation(self) -> dict:
+        return self._score(lambda i: self.inputs[i])
 
 
 def _scale_key(sample) -> str:

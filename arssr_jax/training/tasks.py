@@ -1,0 +1,74 @@
+"""What a run trains: ArSSR, or a fixed-scale baseline CNN, behind one interface.
+
+The loop, the pmapped step, checkpoints and logs are the same for both; a task only
+says how to initialise the parameters, the loss of a batch and how to validate:
+
+* :class:`ArSSRTask`: the LR patch is encoded, K coordinates decoded; L1 on them.
+* :class:`BaselineTask`: the tricubic-upsampled LR patch goes through the CNN; L1 on
+  every HR voxel (the paper trains its baselines this way, one model per scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+from arssr_jax.models import build_model, init_params
+from arssr_jax.training.config import TrainConfig
+from arssr_jax.training.state import set_output_layer
+from arssr_jax.training.step import BaselineValidator, Validator, arssr_loss, l1_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class ArSSRTask:
+    model: Any
+    lr_shape: tuple
+    init_output: Optional[float] = None
+    description: str = ""
+    checks_dead_output = True  # a closed final ReLU gives a zero first gradient
+
+    def init_params(self, key):
+        params = init_params(self.model, key, self.lr_shape)
+        return params if self.init_output is None else set_output_layer(params, self.init_output)
+
+    @property
+    def loss(self) -> Callable:
+        return arssr_loss(self.model)
+
+    def validator(self, samples, chunk: int) -> Validator:
+        return Validator(self.model, samples, chunk=chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineTask:
+    module: Any
+    description: str = ""
+    checks_dead_output = False
+
+    def init_params(self, key):
+        from arssr_jax.models.baselines import init_baseline
+
+        return init_baseline(self.module, key)
+
+    @property
+    def loss(self) -> Callable:
+        module = self.module
+
+        def loss_fn(params, batch):
+            return l1_loss(module.apply({"params": params}, batch["input"]), batch["target"])
+
+        return loss_fn
+
+    def validator(self, samples, chunk: int) -> BaselineValidator:
+        return BaselineValidator(self.module, samples)
+
+
+def make_task(config: TrainConfig):
+    """The task of a (validated) config."""
+    if config.baseline is None:
+        return ArSSRTask(build_model(config.model), (config.data.lr_size,) * 3, config.init_output,
+                         description=config.model.encoder)
+    from arssr_jax.models.baselines import build_baseline
+
+    module = build_baseline(config.baseline.name, config.baseline.options)
+    return BaselineTask(module, description=f"{config.baseline.name} baseline x{config.baseline_scale:g}")
