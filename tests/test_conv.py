@@ -1,10 +1,11 @@
-"""The folded-2D convolution (CPU default) equals lax's 3D convolution, forward and backward."""
+"""The folded-2D and Winograd convolutions (CPU) equal lax's 3D convolution, forward and backward."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arssr_jax.models import conv as conv_module
 from arssr_jax.models.conv import CONV_IMPLS, ENV_VAR, Conv3d, conv3d_same, conv_impl
 
 CASES = [
@@ -54,29 +55,95 @@ def test_kernel_gradient_over_many_chunks():
                                    atol=1e-4 * float(jnp.max(jnp.abs(want))))
 
 
-def test_bfloat16_products_agree():
+WINOGRAD_CASES = [
+    # (batch, spatial shape, cin, cout): odd and even sizes, 1, 2 and 3 along each axis
+    (1, (5, 6, 7), 1, 4),
+    (2, (1, 2, 3), 3, 5),
+    (3, (2, 1, 1), 4, 2),
+    (1, (3, 3, 2), 7, 7),
+    (2, (8, 5, 4), 16, 8),
+    (1, (6, 7, 9), 32, 16),
+    (2, (4, 4, 6), 64, 32),
+]
+
+
+def _check_against_lax(x, kernel, bias, g, fn):
+    """fn(x, kernel, bias) vs the lax conv: forward and all three gradients; worst relative errors."""
+
+    def loss(f):
+        return lambda x, kernel, bias: jnp.sum(f(x, kernel, bias) * g)
+
+    lax_conv = lambda *a: conv3d_same(*a, impl="lax")
+    want = [lax_conv(x, kernel, bias), *jax.grad(loss(lax_conv), argnums=(0, 1, 2))(x, kernel, bias)]
+    got = [jax.jit(fn)(x, kernel, bias), *jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(x, kernel, bias)]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+    return [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: f"n{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}to{c[3]}")
+def test_winograd_matches_lax_forward_and_gradient(case):
+    n, shape, cin, cout = case
+    errors = _check_against_lax(*_inputs(n, shape, 3, cin, cout), lambda *a: conv3d_same(*a, impl="winograd"))
+    assert max(errors) < 3e-6  # float32 rounding; the worst seen is below 1e-6
+
+
+@pytest.mark.parametrize("slab_bytes", [1, 64 * 24 * 4 * 6, 64 * 24 * 4 * 30, 64 * 24 * 4 * 200])
+def test_winograd_slabs(monkeypatch, slab_bytes):
+    # Tiny slab budgets force the loop: one tile row at a time, a few height tiles, a few
+    # depth tiles, whole samples (2 of the 4); 5x7x9 is padded to 6x8x10 (4 tiles in height
+    # and 3 in depth split unevenly).
+    monkeypatch.setattr(conv_module, "_WINOGRAD_SLAB_BYTES", slab_bytes)
+    x, kernel, bias, g = _inputs(4, (5, 7, 9), 3, 16, 8, seed=slab_bytes % 7)
+    _, slab, counts = conv_module._winograd_plan(x.shape, 8)
+    assert counts[0] * counts[1] * counts[2] > 1
+    _check_against_lax(x, kernel, bias, g, lambda *a: conv3d_same(*a, impl="winograd"))
+
+
+def test_winograd_falls_back_for_other_kernels():
+    # 1x1x1 is a matrix product, 5x5x5 and 2x2x2 use fold2d: impl="winograd" still gives lax's result.
+    for k, cin, cout in ((1, 5, 3), (5, 2, 3), (2, 3, 2)):
+        x, kernel, bias, _ = _inputs(2, (4, 5, 6), k, cin, cout)
+        np.testing.assert_allclose(conv3d_same(x, kernel, bias, impl="winograd"),
+                                   conv3d_same(x, kernel, bias, impl="lax"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["fold2d", "winograd"])
+def test_bfloat16_products_agree(impl):
     x, kernel, bias, _ = _inputs(2, (4, 5, 6), 3, 8, 4)
     a = conv3d_same(x, kernel, bias, jnp.bfloat16, impl="lax")
-    b = conv3d_same(x, kernel, bias, jnp.bfloat16, impl="fold2d")
+    b = conv3d_same(x, kernel, bias, jnp.bfloat16, impl=impl)
     assert a.dtype == b.dtype == jnp.float32
-    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
-    grads = [jax.grad(lambda x: jnp.sum(conv3d_same(x, kernel, bias, jnp.bfloat16, impl=i) ** 2))(x) for i in CONV_IMPLS]
-    np.testing.assert_allclose(grads[1], grads[0], rtol=5e-2, atol=5e-2)
+    np.testing.assert_allclose(b, a, rtol=1e-2, atol=1e-2)
+
+    def grads(i):
+        loss = lambda x, k: jnp.sum(conv3d_same(x, k, bias, jnp.bfloat16, impl=i) ** 2)
+        return jax.grad(loss, argnums=(0, 1))(x, kernel)
+
+    (dx_lax, dk_lax), (dx, dk) = grads("lax"), grads(impl)
+    np.testing.assert_allclose(dx, dx_lax, rtol=5e-2, atol=5e-2)
+    np.testing.assert_allclose(dk, dk_lax, rtol=5e-2, atol=5e-2 * float(jnp.max(jnp.abs(dk_lax))))
 
 
 def test_choice_by_backend_and_override(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert conv_impl(backend="cpu") == "fold2d"
+    assert conv_impl(backend="cpu") == "winograd"
     assert conv_impl(backend="gpu") == "lax"
     assert conv_impl(backend="tpu") == "lax"
     assert conv_impl("lax", backend="cpu") == "lax"
     monkeypatch.setenv(ENV_VAR, "lax")
     assert conv_impl(backend="cpu") == "lax"
     assert conv_impl("fold2d", backend="gpu") == "fold2d"
+    monkeypatch.setenv(ENV_VAR, "fold2d")
+    assert conv_impl(backend="cpu") == "fold2d"
+    monkeypatch.setenv(ENV_VAR, "winograd")
+    assert conv_impl(backend="gpu") == "winograd"
     monkeypatch.setenv(ENV_VAR, "auto")
     assert conv_impl(backend="gpu") == "lax"
-    monkeypatch.setenv(ENV_VAR, "winograd")
-    with pytest.raises(ValueError, match="winograd"):
+    assert conv_impl(backend="cpu") == "winograd"
+    monkeypatch.setenv(ENV_VAR, "direct")
+    with pytest.raises(ValueError, match="direct"):
         conv_impl()
 
 
@@ -84,5 +151,6 @@ def test_module_implementations_share_parameters():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 5, 4, 6, 3)), jnp.float32)
     params = Conv3d(6, impl="lax").init(jax.random.key(0), x)
     a = Conv3d(6, impl="lax").apply(params, x)
-    b = Conv3d(6, impl="fold2d").apply(params, x)
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    for impl in CONV_IMPLS:
+        b = Conv3d(6, impl=impl).apply(params, x)
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
