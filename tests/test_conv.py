@@ -44,9 +44,12 @@ def test_fold2d_matches_lax_forward_and_gradient(case):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
-def test_kernel_gradient_over_many_chunks():
+def test_kernel_gradient_over_many_chunks(monkeypatch):
     # 16^2 slices: 16 per kernel-gradient chunk; 3 x 20 slices -> 4 chunks (unrolled);
-    # 2 x 80 slices -> 10 chunks (lax.scan, zero-padded batch).
+    # 2 x 80 slices -> 10 chunks (over the limit set here: lax.scan, zero-padded batch).
+    from arssr_jax.models import conv
+
+    monkeypatch.setattr(conv, "_MAX_UNROLLED_CHUNKS", 8)
     for n, d in ((3, 20), (2, 80)):
         x, kernel, bias, g = _inputs(n, (d, 16, 16), 3, 2, 3, seed=n)
         grad = lambda impl: jax.grad(lambda k: jnp.sum(conv3d_same(x, k, bias, impl=impl) * g))(kernel)

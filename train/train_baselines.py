@@ -11,9 +11,9 @@ evaluation directly:
     python eval/evaluate.py data/mni/heldout --out results --arssr ArSSR=default \\
         --baseline SRCNN3D:runs/baselines/SRCNN3D_x2 ... (the script prints the full command)
 
-``--size cpu`` (default) shrinks the networks that are too slow to train on a 2-core CPU
-(DCSRN growth 12, ResCNN 32 features x 2 blocks x 3 convs); ``--size paper`` keeps the
-papers' sizes. Re-running resumes unfinished runs and skips finished ones.
+``--size cpu`` (default) shrinks what is too slow to train on a 2-core CPU (24^3 HR
+patches; DCSRN growth 12, ResCNN 32 features x 2 blocks x 3 convs); ``--size paper`` keeps
+the papers' networks and 32^3 patches. Re-running resumes unfinished runs and skips finished ones.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ SIZES = {
     "cpu": {"SRCNN3D": {}, "DCSRN": {"growth": 12},
             "ResCNN": {"num_features": 32, "num_blocks": 2, "convs_per_block": 3}},
 }
+PATCH = {"paper": 32, "cpu": 24}  # HR patch edge (voxels)
 # The shipped default model's augmentations and learning rate (train/configs/default_model.py).
 AUGMENT = AugmentConfig(flip=True, permute=True, gamma=0.15, intensity_scale=0.1, bias_field=0.15)
 LEARNING_RATE = 5e-4
 
 
 def run_config(name: str, scale: float, data, size: str, steps: int):
-    config = baseline(name, scale, data_paths=tuple(data), val_paths=tuple(data), options=SIZES[size][name])
+    config = baseline(name, scale, data_paths=tuple(data), val_paths=tuple(data), options=SIZES[size][name],
+                      patch=PATCH[size])
     every = max(1, steps // 4)
     return config.replace(
         data=dataclasses.replace(config.data, augment=AUGMENT, samples_per_volume=400),

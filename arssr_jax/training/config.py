@@ -328,12 +328,12 @@ def tiny(data_paths=None, val_paths=()) -> TrainConfig:
     )
 
 
-def baseline(name: str, scale: float, data_paths=None, val_paths=(), options=None) -> TrainConfig:
+def baseline(name: str, scale: float, data_paths=None, val_paths=(), options=None, patch: int = 32) -> TrainConfig:
     """A fixed-scale baseline CNN (SRCNN3D, DCSRN, ResCNN) trained for one ``scale``.
 
     The paper trains each baseline with the same recipe as ArSSR: L1 loss, Adam 1e-4;
     the input is the LR patch upsampled back to the HR grid by tricubic interpolation.
-    HR patches of about 32^3 voxels (LR round(32 / scale)^3), batch 4, voxel-centred
+    HR patches of about ``patch``^3 voxels (LR round(patch / scale)^3), batch 4, voxel-centred
     degradation; 100 steps per epoch, validation every 2 epochs on 4 patches per volume.
     ``options``: the module's keyword arguments (default: the paper-sized network).
     Data default: :func:`sample_volume_path`.
@@ -341,7 +341,7 @@ def baseline(name: str, scale: float, data_paths=None, val_paths=(), options=Non
     if data_paths is None:
         data_paths = (sample_volume_path(),)
     scale = float(scale)
-    lr_size = max(2, int(round(32 / scale)))
+    lr_size = max(2, int(round(patch / scale)))
     patch = int(lr_size * scale)
     return TrainConfig(
         name=f"baseline_{name}_x{scale:g}",
