@@ -70,7 +70,9 @@ MULTI_DEVICE = textwrap.dedent("""
             b = np.asarray(b)
             assert b.shape == (4,) + a.shape
             assert np.array_equal(b[0], b[3]), "replicas diverged"
-            np.testing.assert_allclose(b[0], a, rtol=1e-5, atol=1e-6)
+            # Adam divides by sqrt(v): gradients summed in another order can move a parameter
+            # whose gradient is near zero by a few 1e-6 (a small fraction of one update).
+            np.testing.assert_allclose(b[0], a, rtol=1e-5, atol=1e-5)
             worst = max(worst, float(np.max(np.abs(b[0] - a))))
         assert int(np.asarray(r.step)[0]) == 3
         return {"losses_1": losses_1, "losses_4": losses_4, "max_abs_diff": worst}
