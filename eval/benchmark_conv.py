@@ -13,8 +13,7 @@ call and reports the median time; GFLOP/s counts the direct convolution's 2*27*C
 flops per output voxel (x3 for a training step), so Winograd's saved multiplications
 show up as a higher rate. A cell stops after --max-seconds of timed runs; cells with
 fewer than --repeats runs are marked with their count; a warm-up call that alone takes
-longer is the cell's one timing (fold2d's training step at 13^3: its kernel gradient then
-takes the lax.scan path, which XLA's CPU backend runs very slowly).
+longer is the cell's one timing.
 """
 
 from __future__ import annotations
