@@ -45,6 +45,7 @@ def run_config(name: str, scale: float, data, size: str, steps: int):
     every = max(1, steps // 4)
     return config.replace(
         data=dataclasses.replace(config.data, augment=AUGMENT, samples_per_volume=400),
+        # 400 patches / batch 4 = 100 steps per epoch: halve the learning rate halfway through the run
         optim=dataclasses.replace(config.optim, learning_rate=LEARNING_RATE, decay_every_epochs=max(1.0, steps / 200)),
         # validation patches from the training slab at other positions (seed): the
         # held-out slab stays for the final table only, as for the default model
