@@ -65,7 +65,7 @@ def _add_upsample(commands) -> None:
                     help="feed intensities as they are (must already be in [0, 1]) and write the raw output")
     up.add_argument("--padding", choices=["zeros", "border"], default=None,
                     help="feature sampling beyond the outer voxel centres (default: the model's, zeros as the reference)")
-    up.add_argument("--chunk", type=int, default=None, help="HR voxels decoded per call (default 65536 on CPU, 2^20 on GPU)")
+    up.add_argument("--chunk", type=int, default=None, help="at most this many HR voxels decoded per call (default 65536 on CPU, 2^20 on GPU)")
     up.add_argument("--tile", type=int, default=None, help="encoder tile core size in LR voxels (default: from free memory)")
     up.add_argument("--volume-index", type=int, default=None, metavar="I", help="volume of a 4D input to use")
     up.add_argument("--quiet", action="store_true", help="no progress bar or summary")

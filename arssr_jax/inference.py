@@ -169,22 +169,52 @@ def encode_volume(model: ArSSR, params, volume, tile=None, max_tile_bytes=None, 
 # --------------------------------------------------------------------------- decoding
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _decode_chunk(model: ArSSR, params, features, to_normalised, hr_shape, chunk, start):
-    """Intensities of HR voxels start .. start + chunk - 1 (flat, row-major; clipped at the end)."""
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _decode_chunk(model: ArSSR, params, features, to_normalised, hr_shape, chunk, block, start):
+    """Intensities of HR voxels start .. start + chunk - 1 (flat, row-major; clipped at the end).
+
+    The MLP runs over ``block`` voxels at a time (``chunk`` is a multiple of it), so each
+    layer's activations stay in cache instead of streaming through memory.
+    """
     total = math.prod(hr_shape)
     flat = jnp.minimum(start + jnp.arange(chunk, dtype=jnp.int32), total - 1)
     ijk = jnp.stack(jnp.unravel_index(flat, hr_shape), axis=-1).astype(jnp.float32)
     coords = ijk @ to_normalised[:3, :3].T + to_normalised[:3, 3]
-    return decode(model, params, features[None], coords[None])[0, :, 0]
+    blocks = coords.reshape(chunk // block, 1, block, 3)
+    return jax.lax.map(lambda c: decode(model, params, features[None], c), blocks).reshape(chunk)
 
 
 def default_chunk() -> int:
     return 2**20 if jax.default_backend() != "cpu" else 2**16
 
 
-def decode_grid(model: ArSSR, params, features, grid: grids.TargetGrid, chunk=None, progress=False) -> np.ndarray:
-    """Decode a feature map (X, Y, Z, F) at every voxel centre of ``grid`` -> (HR shape) float32."""
+def default_block() -> int | None:
+    """Voxels per MLP pass: 4096 on the CPU (activations of 4 MiB a layer stay in cache:
+    1.24x faster than whole 65536-voxel chunks on 2 cores), the whole chunk elsewhere."""
+    return 4096 if jax.default_backend() == "cpu" else None
+
+
+def chunk_layout(total: int, chunk: int, block: int | None) -> tuple[int, int]:
+    """(chunk, block) for decoding ``total`` voxels: block divides chunk, chunk <= the request.
+
+    Among 1/2 .. 1 times the requested number of blocks per chunk, the one that pads the
+    last chunk least (the largest of equals): 884,736 voxels in 65,536-voxel chunks would
+    waste 3.7 % on padding, 12 blocks of 4096 per chunk waste nothing.
+    """
+    block = min(block or chunk, chunk, total)
+    blocks = -(-total // block)
+    most = max(1, min(chunk, total) // block)
+    per_chunk = min(range(-(-most // 2), most + 1), key=lambda b: (-(-blocks // b) * b, -b))
+    return per_chunk * block, block
+
+
+def decode_grid(model: ArSSR, params, features, grid: grids.TargetGrid, chunk=None, progress=False,
+                block=None) -> np.ndarray:
+    """Decode a feature map (X, Y, Z, F) at every voxel centre of ``grid`` -> (HR shape) float32.
+
+    ``chunk``: voxels per compiled call (at most; see :func:`chunk_layout`); ``block``:
+    voxels per MLP pass inside a call (default :func:`default_block`).
+    """
     chunk = int(chunk or default_chunk())
     if chunk < 1:
         raise ArSSRError(f"--chunk must be a positive number of voxels, got {chunk}")
@@ -192,12 +222,12 @@ def decode_grid(model: ArSSR, params, features, grid: grids.TargetGrid, chunk=No
     to_normalised = jnp.asarray(grids.index_map_to_normalised(grid.index_map, lr_shape), jnp.float32)
     features = jnp.asarray(features)
     total = grid.num_voxels
-    chunk = min(chunk, total)
+    chunk, block = chunk_layout(total, chunk, block or default_block())
     out = np.empty(total, np.float32)
     starts = range(0, total, chunk)
     pending = None  # keep one chunk in flight while the previous one is copied out
     for start in progress_bar(starts, desc="decode", unit="chunk", enabled=progress):
-        values = _decode_chunk(model, params, features, to_normalised, tuple(grid.shape), chunk, start)
+        values = _decode_chunk(model, params, features, to_normalised, tuple(grid.shape), chunk, block, start)
         if pending is not None:
             _store(out, *pending, total)
         pending = (start, values)

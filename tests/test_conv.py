@@ -89,19 +89,46 @@ def _check_against_lax(x, kernel, bias, g, fn):
 def test_winograd_matches_lax_forward_and_gradient(case):
     n, shape, cin, cout = case
     errors = _check_against_lax(*_inputs(n, shape, 3, cin, cout), lambda *a: conv3d_same(*a, impl="winograd"))
-    assert max(errors) < 3e-6  # float32 rounding; the worst seen is below 1e-6
+    # float32 rounding; the worst seen: 4.5e-7 with F(2, 3) only, 2.2e-6 with F(4, 3) on two axes
+    assert max(errors) < 5e-6
 
 
-@pytest.mark.parametrize("slab_bytes", [1, 64 * 24 * 4 * 6, 64 * 24 * 4 * 30, 64 * 24 * 4 * 200])
-def test_winograd_slabs(monkeypatch, slab_bytes):
-    # Tiny slab budgets force the loop: one tile row at a time, a few height tiles, a few
-    # depth tiles, whole samples (2 of the 4); 5x7x9 is padded to 6x8x10 (4 tiles in height
-    # and 3 in depth split unevenly).
-    monkeypatch.setattr(conv_module, "_WINOGRAD_SLAB_BYTES", slab_bytes)
-    x, kernel, bias, g = _inputs(4, (5, 7, 9), 3, 16, 8, seed=slab_bytes % 7)
-    _, slab, counts = conv_module._winograd_plan(x.shape, 8)
+# 6x9x7 gets tile sizes 2x2x4 (7 pads to 8 either way): 3 x 5 x 2 tiles of 4*4*6 = 96
+# transformed positions, (16 + 8) channels each.
+SLAB_TILE_BYTES = 96 * (16 + 8) * 4
+
+
+@pytest.mark.parametrize("tiles_per_slab, slab", [
+    (1, (1, 1, 1)),   # one tile row at a time
+    (6, (1, 1, 3)),   # a few height tiles: 5 split 3 + 2 (the last slab padded)
+    (20, (1, 2, 5)),  # a few depth tiles: 3 split 2 + 1
+    (60, (2, 3, 5)),  # whole samples, 2 of the 4
+])
+def test_winograd_slabs(monkeypatch, tiles_per_slab, slab):
+    monkeypatch.setattr(conv_module, "_WINOGRAD_SLAB_BYTES", tiles_per_slab * SLAB_TILE_BYTES)
+    x, kernel, bias, g = _inputs(4, (6, 9, 7), 3, 16, 8, seed=tiles_per_slab % 7)
+    sizes, tiles, planned, counts = conv_module._winograd_plan(x.shape, 8)
+    assert (sizes, tiles, planned) == ((2, 2, 4), [3, 5, 2], slab)
     assert counts[0] * counts[1] * counts[2] > 1
     _check_against_lax(x, kernel, bias, g, lambda *a: conv3d_same(*a, impl="winograd"))
+
+
+def test_winograd_tile_sizes():
+    # F(4, 3) where it pads no more than F(2, 3) (length 0 or 3 mod 4), on two axes at most.
+    assert conv_module._winograd_tile_sizes((48, 48, 48)) == (4, 4, 2)
+    assert conv_module._winograd_tile_sizes((10, 7, 12)) == (2, 4, 4)
+    assert conv_module._winograd_tile_sizes((13, 10, 9)) == (2, 2, 2)
+    assert conv_module._winograd_tile_sizes((91, 109, 91)) == (4, 2, 4)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_1d_transform_is_exact_correlation(m):
+    # y = A^T [(G g) * (B^T d)] must be the "valid" correlation of d (m + 2 taps) with g (3).
+    bt, gm, at = conv_module._winograd_matrices(m)
+    rng = np.random.default_rng(m)
+    for _ in range(5):
+        d, g = rng.standard_normal(m + 2), rng.standard_normal(3)
+        np.testing.assert_allclose(at @ ((gm @ g) * (bt @ d)), np.correlate(d, g, "valid"), rtol=1e-12, atol=1e-12)
 
 
 def test_winograd_falls_back_for_other_kernels():

@@ -201,6 +201,29 @@ def test_decoding_compiles_once_for_all_chunks(tiny):
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-7)
 
 
+def test_decoding_in_blocks_within_chunks(tiny):
+    volume = rng_volume((6, 7, 8), seed=8)
+    grid = grid_for_scale(volume.shape, 2.7)  # 16 x 18 x 21 = 6048 voxels
+    features = encode_volume(*tiny, volume)
+    whole = inference.decode_grid(*tiny, features, grid, chunk=grid.num_voxels, block=grid.num_voxels)
+    blocked = inference.decode_grid(*tiny, features, grid, chunk=1000, block=64)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("total, asked, block, expected", [
+    (884736, 65536, 4096, (49152, 4096)),  # 96^3: 216 blocks = 18 chunks of 12, no padding
+    (6048, 1000, 64, (768, 64)),           # 95 blocks: 8 chunks of 12 (at most 15), one block padding
+    (6048, 333, 4096, (333, 333)),         # a block never exceeds the chunk
+    (100, 65536, 4096, (100, 100)),        # nor the grid
+    (6048, 1000, None, (1000, 1000)),      # no block size: the whole chunk
+    (10, 1, 1, (1, 1)),
+])
+def test_chunk_layout(total, asked, block, expected):
+    chunk, got_block = inference.chunk_layout(total, asked, block)
+    assert (chunk, got_block) == expected
+    assert chunk % got_block == 0 and chunk <= asked
+
+
 # ------------------------------------------------------------------- bad input via the CLI
 
 

@@ -13,18 +13,22 @@ Three formulations compute the same cross-correlation:
   tap, taken over batch chunks of about 4096 voxels (XLA's CPU kernel-gradient
   convolution slows down sharply on larger inputs).
 - ``"winograd"`` (3x3x3 kernels; other sizes fall back to ``"fold2d"``): Winograd
-  F(2x2x2, 3x3x3): 4^3 input tiles at stride 2 and the kernel are transformed (1D
-  transforms, one axis at a time), multiplied as 64 channel matrix products, and
-  transformed back to 2^3 outputs: 3.375x fewer multiplications than the direct
-  convolution for an 8x larger transformed input, so the volume goes through a loop
-  over slabs of at most ~32 MiB of transformed data (cache-sized, no fresh pages).
-  The custom VJP stays in this form: the input gradient is the same convolution of
-  the output gradient with the flipped, transposed kernel, the kernel gradient a sum
-  of transposed products over slabs. Transforms and products are float32 whatever
-  ``dtype`` (inputs are still rounded to it): bfloat16 transformed tiles double the
-  error. On 2 CPU cores it runs 1.6-2x faster than ``"fold2d"`` (forward) and its
-  rounding error is within ~2x of lax's (eval/benchmark_conv.py, tests/test_conv.py);
-  F(4x4x4, 3x3x3) was ~1e-5 off in float32, too inaccurate.
+  F(m0 x m1 x m2, 3x3x3). Per axis, F(m, 3) turns an (m + 2)-voxel input tile into m
+  outputs with m + 2 products; m is 4 on up to two axes whose length it pads no more
+  than m = 2 does (a 48^3 volume: 4 x 4 x 2 output tiles from 6 x 6 x 4 input tiles,
+  4.5 products per output instead of the direct 27), else 2. Tiles and kernel are
+  transformed (1D transforms, one axis at a time), multiplied as one channel matrix
+  product per transformed position, and transformed back. The transformed input is
+  4.5-8x the input, so the volume goes through a loop over slabs of at most ~32 MiB of
+  transformed data (cache-sized, no fresh pages). The custom VJP stays in this form:
+  the input gradient is the same convolution of the output gradient with the flipped,
+  transposed kernel, the kernel gradient a sum of transposed products over slabs.
+  Transforms and products are float32 whatever ``dtype`` (inputs are still rounded to
+  it): bfloat16 transformed tiles double the error. Rounding: F(2, 3) is within ~2x of
+  lax's; F(4, 3) on two axes ~5-10x lax's (~2e-6 of the output's range; the RDN
+  encoder 2.5e-6), F(4, 3) on all three axes ~1e-5, so it is never used. On 2 CPU
+  cores the RDN encoder on 48^3 runs in 7.3 s with 4 x 4 x 2 tiles, 12.0 s with
+  2 x 2 x 2 (tests/test_conv.py, eval/benchmark_conv.py).
 
 ``conv3d_same(..., impl=None)`` picks ``"winograd"`` on the CPU backend (the fastest
 there) and ``"lax"`` elsewhere; the environment variable ``ARSSR_CONV_IMPL`` (``auto``,
@@ -34,7 +38,10 @@ argument overrides it. All agree to float32 rounding (tests/test_conv.py).
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from fractions import Fraction
 from typing import Any
 
 import flax.linen as nn
@@ -156,73 +163,133 @@ def _fold2d_bwd(residuals, g):
 _fold2d.defvjp(_fold2d_fwd, _fold2d_bwd)
 
 
-# Winograd F(2, 3) per axis: y = A^T [(G g) * (B^T d)] for a 4-tap input tile d.
-_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
-_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+# Winograd F(m, 3) per axis: y = A^T [(G g) * (B^T d)] for an (m + 2)-tap input tile d.
+# Interpolation points (and infinity): F(2, 3) is exact in its transforms; for F(4, 3) the
+# asymmetric set {0, 1, -1, 2, -1/2} rounds ~3x less than the usual {0, +-1, +-2}.
+_WINOGRAD_POINTS = {2: (0, 1, -1), 4: (0, 1, -1, 2, Fraction(-1, 2))}
+_WINOGRAD_WIDE_AXES = 2  # F(4, 3) on at most two axes: on all three the error reaches ~1e-5
 
 
-def _signed_sum(coefs, parts):
-    """sum(c * p) for coefficients in {-1, 0, 1}."""
+def _vandermonde(points, columns):
+    """Rows [1, p, ..., p^(columns - 1)] for each point, then [0, ..., 0, 1] for infinity."""
+    rows = [[Fraction(p) ** k for k in range(columns)] for p in points]
+    return rows + [[Fraction(0)] * (columns - 1) + [Fraction(1)]]
+
+
+def _inverse(matrix):
+    """Exact inverse of a square matrix of Fractions (Gauss-Jordan)."""
+    n = len(matrix)
+    rows = [list(r) + [Fraction(int(i == j)) for j in range(n)] for i, r in enumerate(matrix)]
+    for col in range(n):
+        pivot = next(r for r in range(col, n) if rows[r][col] != 0)
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        rows[col] = [v / rows[col][col] for v in rows[col]]
+        for r in range(n):
+            if r != col and rows[r][col] != 0:
+                rows[r] = [a - rows[r][col] * b for a, b in zip(rows[r], rows[col])]
+    return [r[n:] for r in rows]
+
+
+@functools.lru_cache(maxsize=None)
+def _winograd_matrices(m: int):
+    """(B^T, G, A^T) of F(m, 3) as float64 arrays, built exactly from the points.
+
+    Correlation is the transpose of polynomial multiplication: evaluate at the points
+    (A^T = V_m^T, G = V_3), multiply, interpolate (B^T = V^-T). Each row of B^T is
+    scaled to the smallest integers (its factor moved into G) so the input transform
+    rounds only in its sums.
+    """
+    points = _WINOGRAD_POINTS[m]
+    bt = [list(col) for col in zip(*_inverse(_vandermonde(points, m + 2)))]
+    g = _vandermonde(points, 3)
+    for j, row in enumerate(bt):
+        scale = math.lcm(*(v.denominator for v in row)) / Fraction(math.gcd(*(v.numerator for v in row)))
+        bt[j] = [v * scale for v in row]
+        g[j] = [v / scale for v in g[j]]
+    at = [list(col) for col in zip(*_vandermonde(points, m))]
+    return tuple(np.array(a, np.float64) for a in (bt, g, at))
+
+
+def _winograd_tile_sizes(spatial) -> tuple[int, ...]:
+    """Output tile size per axis: 4 on the first two axes where it pads no more than 2 does, else 2.
+
+    F(4, 3) needs 6 transformed taps per 4 outputs where F(2, 3) needs 4 per 2: 1.33x
+    fewer products and transformed data per axis (1.78x for a 4 x 4 x 2 tile).
+    """
+    sizes, wide = [], 0
+    for s in spatial:
+        four = wide < _WINOGRAD_WIDE_AXES and -(-s // 4) * 4 == -(-s // 2) * 2
+        sizes.append(4 if four else 2)
+        wide += four
+    return tuple(sizes)
+
+
+def _weighted_sum(coefs, parts):
+    """sum(c * p) over the nonzero coefficients (no multiply for +-1)."""
     out = None
     for c, p in zip(coefs, parts):
         if c:
-            out = (p if c > 0 else -p) if out is None else (out + p if c > 0 else out - p)
+            term = p if c == 1 else -p if c == -1 else p * np.float32(c)
+            out = term if out is None else out + term
     return out if out is not None else jnp.zeros_like(parts[0])
 
 
-def _winograd_input(xs, tiles):
-    """(nb, 2a+2, 2b+2, 2c+2, C) float32 -> (64, nb*a*b*c, C): B^T d B along each axis.
+def _winograd_input(xs, tiles, sizes):
+    """(nb, m0 a + 2, m1 b + 2, m2 c + 2, C) float32 -> (P, nb*a*b*c, C): B^T d B per axis.
 
-    One axis at a time (4 strided slices, 4 signed sums), so XLA emits three cheap
-    elementwise passes rather than 64-term sums.
+    P = prod(m + 2). One axis at a time (m + 2 strided slices and as many weighted sums),
+    so XLA emits three cheap elementwise passes rather than P-term sums.
     """
     v = xs
-    for i in range(3):
+    for i, (t, m) in enumerate(zip(tiles, sizes)):
         axis = 2 * i + 1  # i component axes in front, then the batch, then spatial axis i
-        parts = [jax.lax.slice_in_dim(v, j, j + 2 * tiles[i] - 1, stride=2, axis=axis) for j in range(4)]
-        v = jnp.stack([_signed_sum(row, parts) for row in _WINO_BT], axis=i)
-    return v.reshape(64, -1, xs.shape[-1])
+        parts = [jax.lax.slice_in_dim(v, j, j + m * (t - 1) + 1, stride=m, axis=axis) for j in range(m + 2)]
+        v = jnp.stack([_weighted_sum(row, parts) for row in _winograd_matrices(m)[0]], axis=i)
+    return v.reshape(-1, math.prod(v.shape[3:-1]), xs.shape[-1])
 
 
-def _winograd_output(m, nb, tiles):
-    """(64, nb*a*b*c, Co) -> (nb, 2a, 2b, 2c, Co): A^T m A along each axis."""
-    y = m.reshape(4, 4, 4, nb, *tiles, m.shape[-1])
-    for i in range(3):
-        parts = [jax.lax.index_in_dim(y, j, axis=i, keepdims=False) for j in range(4)]
-        y = jnp.stack([_signed_sum(row, parts) for row in _WINO_AT], axis=i)
-    y = y.transpose(3, 4, 0, 5, 1, 6, 2, 7)  # (nb, a, 2, b, 2, c, 2, Co)
-    return y.reshape(nb, *(2 * t for t in tiles), m.shape[-1])
+def _winograd_output(mm, nb, tiles, sizes):
+    """(P, nb*a*b*c, Co) -> (nb, m0 a, m1 b, m2 c, Co): A^T m A per axis."""
+    y = mm.reshape(*(m + 2 for m in sizes), nb, *tiles, mm.shape[-1])
+    for i, m in enumerate(sizes):
+        parts = [jax.lax.index_in_dim(y, j, axis=i, keepdims=False) for j in range(m + 2)]
+        y = jnp.stack([_weighted_sum(row, parts) for row in _winograd_matrices(m)[2]], axis=i)
+    y = y.transpose(3, 4, 0, 5, 1, 6, 2, 7)  # (nb, a, m0, b, m1, c, m2, Co)
+    return y.reshape(nb, *(m * t for m, t in zip(sizes, tiles)), mm.shape[-1])
 
 
-def _winograd_output_adjoint(g, tiles):
-    """The transpose of _winograd_output: (nb, 2a, 2b, 2c, Co) -> (64, nb*a*b*c, Co)."""
+def _winograd_output_adjoint(g, tiles, sizes):
+    """The transpose of _winograd_output: (nb, m0 a, m1 b, m2 c, Co) -> (P, nb*a*b*c, Co)."""
     nb, co = g.shape[0], g.shape[-1]
-    y = g.reshape(nb, tiles[0], 2, tiles[1], 2, tiles[2], 2, co).transpose(2, 4, 6, 0, 1, 3, 5, 7)
-    for i in range(3):
-        parts = [jax.lax.index_in_dim(y, r, axis=i, keepdims=False) for r in range(2)]
-        y = jnp.stack([_signed_sum([row[j] for row in _WINO_AT], parts) for j in range(4)], axis=i)
-    return y.reshape(64, -1, co)
+    (a, b, c), (m0, m1, m2) = tiles, sizes
+    y = g.reshape(nb, a, m0, b, m1, c, m2, co).transpose(2, 4, 6, 0, 1, 3, 5, 7)
+    for i, m in enumerate(sizes):
+        at = _winograd_matrices(m)[2]
+        parts = [jax.lax.index_in_dim(y, r, axis=i, keepdims=False) for r in range(m)]
+        y = jnp.stack([_weighted_sum(at[:, j], parts) for j in range(m + 2)], axis=i)
+    return y.reshape(-1, nb * a * b * c, co)
 
 
-def _winograd_kernel(kernel):
-    """(3, 3, 3, Ci, Co) -> (64, Ci, Co) float32: G g G^T along each axis."""
-    g = jnp.asarray(_WINO_G)
-    u = jnp.einsum("ai,bj,ck,ijkxy->abcxy", g, g, g, kernel.astype(jnp.float32),
+def _winograd_kernel(kernel, sizes):
+    """(3, 3, 3, Ci, Co) -> (P, Ci, Co) float32: G g G^T per axis."""
+    gs = [jnp.asarray(_winograd_matrices(m)[1], jnp.float32) for m in sizes]
+    u = jnp.einsum("ai,bj,ck,ijkxy->abcxy", *gs, kernel.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
-    return u.reshape(64, *kernel.shape[3:])
+    return u.reshape(-1, *kernel.shape[3:])
 
 
 def _winograd_plan(shape, cout):
-    """Tiles per axis, the slab (batch items, depth tiles, height tiles) and slab counts.
+    """Tile sizes, tiles per axis, the slab (batch items, depth tiles, height tiles) and slab counts.
 
     A slab holds at most about _WINOGRAD_SLAB_BYTES of transformed input and product
-    (64 * (Ci + Co) floats a tile): whole samples if they fit, else depth, then height
+    (P * (Ci + Co) floats a tile): whole samples if they fit, else depth, then height
     slices of one sample.
     """
     n, d, h, w, cin = shape
-    tiles = [-(-s // 2) for s in (d, h, w)]
-    fit = max(1, _WINOGRAD_SLAB_BYTES // (64 * (cin + cout) * 4))
+    sizes = _winograd_tile_sizes((d, h, w))
+    tiles = [-(-s // m) for s, m in zip((d, h, w), sizes)]
+    positions = math.prod(m + 2 for m in sizes)
+    fit = max(1, _WINOGRAD_SLAB_BYTES // (positions * (cin + cout) * 4))
     td, th, tw = tiles
     balanced = lambda total, most: -(-total // -(-total // max(1, most)))
     if fit >= td * th * tw:
@@ -233,35 +300,46 @@ def _winograd_plan(shape, cout):
     else:
         slab = (1, 1, balanced(th, fit // tw))
     counts = (n // slab[0], -(-td // slab[1]), -(-th // slab[2]))
-    return tiles, slab, counts
+    return sizes, tiles, slab, counts
 
 
-def _winograd_slab_start(i, slab, counts):
+def _winograd_layout(shape, cout):
+    """What the slab loops need: tile sizes, tiles per slab, slab, slab counts, padded output size."""
+    n, d, h, w, _ = shape
+    sizes, tiles, (nb, sd, sh), counts = _winograd_plan(shape, cout)
+    size = (sizes[0] * sd * counts[1], sizes[1] * sh * counts[2], sizes[2] * tiles[2])  # padded output
+    return sizes, (sd, sh, tiles[2]), (nb, sd, sh), counts, size
+
+
+def _winograd_slab_start(i, slab, counts, sizes):
     b, z, y = i // (counts[1] * counts[2]), (i // counts[2]) % counts[1], i % counts[2]
-    return (b * slab[0], z * 2 * slab[1], y * 2 * slab[2], 0, 0)
+    return (b * slab[0], z * sizes[0] * slab[1], y * sizes[1] * slab[2], 0, 0)
+
+
+def _pad_to(x, size, halo):
+    """Zero-pad the spatial axes of x to ``size`` plus ``halo`` voxels on each side."""
+    return jnp.pad(x, ((0, 0), *((halo, p + halo - s) for p, s in zip(size, x.shape[1:4])), (0, 0)))
 
 
 def _winograd_forward(x, kernel):
     n, d, h, w, cin = x.shape
     cout = kernel.shape[-1]
-    tiles, (nb, sd, sh), counts = _winograd_plan(x.shape, cout)
-    size = (2 * sd * counts[1], 2 * sh * counts[2], 2 * tiles[2])  # padded output
-    xp = jnp.pad(x, ((0, 0), *((1, p + 1 - s) for p, s in zip(size, (d, h, w))), (0, 0)))
-    u = _winograd_kernel(kernel)
-    slab_tiles = (sd, sh, tiles[2])
+    sizes, slab_tiles, (nb, sd, sh), counts, size = _winograd_layout(x.shape, cout)
+    xp = _pad_to(x, size, 1)
+    u = _winograd_kernel(kernel, sizes)
 
     def slab(xs):
-        v = _winograd_input(xs.astype(jnp.float32), slab_tiles)
+        v = _winograd_input(xs.astype(jnp.float32), slab_tiles, sizes)
         m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-        return _winograd_output(m, xs.shape[0], slab_tiles)
+        return _winograd_output(m, xs.shape[0], slab_tiles, sizes)
 
-    window = (nb, 2 * sd + 2, 2 * sh + 2, size[2] + 2, cin)
-    count = counts[0] * counts[1] * counts[2]
+    window = (nb, sizes[0] * sd + 2, sizes[1] * sh + 2, size[2] + 2, cin)
+    count = math.prod(counts)
     if count == 1:
         y = slab(xp)
     else:
         def body(i, y):
-            start = _winograd_slab_start(i, (nb, sd, sh), counts)
+            start = _winograd_slab_start(i, (nb, sd, sh), counts, sizes)
             return jax.lax.dynamic_update_slice(y, slab(jax.lax.dynamic_slice(xp, start, window)), start)
 
         y = jax.lax.fori_loop(0, count, body, jnp.zeros((n, *size, cout), jnp.float32))
@@ -270,32 +348,28 @@ def _winograd_forward(x, kernel):
 
 def _winograd_kernel_grad(x, g, kernel_shape):
     """d(sum(winograd(x, k) * g)) / dk: sum over slabs of V^T (A-adjoint of g), then G^T . G."""
-    n, d, h, w, cin = x.shape
-    cout = kernel_shape[-1]
-    tiles, (nb, sd, sh), counts = _winograd_plan(x.shape, cout)
-    size = (2 * sd * counts[1], 2 * sh * counts[2], 2 * tiles[2])
-    xp = jnp.pad(x, ((0, 0), *((1, p + 1 - s) for p, s in zip(size, (d, h, w))), (0, 0)))
-    gp = jnp.pad(g, ((0, 0), *((0, p - s) for p, s in zip(size, (d, h, w))), (0, 0)))
-    slab_tiles = (sd, sh, tiles[2])
+    cin, cout = x.shape[-1], kernel_shape[-1]
+    sizes, slab_tiles, (nb, sd, sh), counts, size = _winograd_layout(x.shape, cout)
+    xp, gp = _pad_to(x, size, 1), _pad_to(g, size, 0)
 
     def slab(xs, gs):
-        v = _winograd_input(xs.astype(jnp.float32), slab_tiles)
-        dm = _winograd_output_adjoint(gs.astype(jnp.float32), slab_tiles)
+        v = _winograd_input(xs.astype(jnp.float32), slab_tiles, sizes)
+        dm = _winograd_output_adjoint(gs.astype(jnp.float32), slab_tiles, sizes)
         return jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
 
-    count = counts[0] * counts[1] * counts[2]
+    count = math.prod(counts)
     if count == 1:
         du = slab(xp, gp)
     else:
         def body(i, du):
-            start = _winograd_slab_start(i, (nb, sd, sh), counts)
-            xs = jax.lax.dynamic_slice(xp, start, (nb, 2 * sd + 2, 2 * sh + 2, size[2] + 2, cin))
-            gs = jax.lax.dynamic_slice(gp, start, (nb, 2 * sd, 2 * sh, size[2], cout))
+            start = _winograd_slab_start(i, (nb, sd, sh), counts, sizes)
+            xs = jax.lax.dynamic_slice(xp, start, (nb, sizes[0] * sd + 2, sizes[1] * sh + 2, size[2] + 2, cin))
+            gs = jax.lax.dynamic_slice(gp, start, (nb, sizes[0] * sd, sizes[1] * sh, size[2], cout))
             return du + slab(xs, gs)
 
-        du = jax.lax.fori_loop(0, count, body, jnp.zeros((64, cin, cout), jnp.float32))
-    gm = jnp.asarray(_WINO_G)
-    return jnp.einsum("ai,bj,ck,abcxy->ijkxy", gm, gm, gm, du.reshape(4, 4, 4, cin, cout),
+        du = jax.lax.fori_loop(0, count, body, jnp.zeros((math.prod(m + 2 for m in sizes), cin, cout), jnp.float32))
+    gs = [jnp.asarray(_winograd_matrices(m)[1], jnp.float32) for m in sizes]
+    return jnp.einsum("ai,bj,ck,abcxy->ijkxy", *gs, du.reshape(*(m + 2 for m in sizes), cin, cout),
                       precision=jax.lax.Precision.HIGHEST)
 
 
