@@ -5,7 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arssr_jax.models import ENCODERS, ModelConfig, build_model, count_params, decode, encode, init_params, predict
+from arssr_jax.models import (
+    ENCODERS,
+    ModelConfig,
+    build_model,
+    count_params,
+    decode,
+    decode_in_blocks,
+    encode,
+    init_params,
+    predict,
+)
 
 REFERENCE_COUNTS = {"RDN": 5_918_784, "ResCNN": 2_214_912, "SRResNet": 4_317_376}
 
@@ -34,6 +44,28 @@ def test_small_configurations_run_and_compose(encoder, options):
     out = decode(model, params, features, coords)
     assert out.shape == (2, 9, 1) and bool(jnp.all(out >= 0))  # final ReLU
     np.testing.assert_allclose(out, predict(model, params, volume, coords), rtol=1e-6)
+
+
+@pytest.mark.parametrize("block", [None, 6, 14, 40, 1000])
+def test_decoding_in_blocks_equals_one_pass(block):
+    # 2 samples x 19 queries: blocks of 3, 7 and 19 queries (the last block padded), one pass.
+    config = ModelConfig(encoder="ResCNN", feature_dim=12, encoder_options={"num_blocks": 1, "convs_per_block": 1,
+                         "num_features": 8}, decoder_depth=4, decoder_width=32)
+    model = build_model(config)
+    params = init_params(model, jax.random.key(4))
+    features = jax.random.normal(jax.random.key(5), (2, 4, 5, 6, 12))
+    coords = jax.random.uniform(jax.random.key(6), (2, 19, 3), minval=-1.2, maxval=1.2)
+    weights = jax.random.normal(jax.random.key(7), (2, 19, 1))
+
+    def loss(decoder):
+        return lambda p, f: jnp.sum(decoder(model, p, f, coords) * weights)
+
+    blocked = lambda m, p, f, c: decode_in_blocks(m, p, f, c, block)
+    np.testing.assert_allclose(blocked(model, params, features, coords), decode(model, params, features, coords),
+                               rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(blocked), argnums=(0, 1))(params, features)),
+                    jax.tree.leaves(jax.grad(loss(decode), argnums=(0, 1))(params, features))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_config_is_refused():

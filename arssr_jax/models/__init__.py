@@ -6,6 +6,8 @@ from arssr_jax.models.arssr import (
     build_model,
     count_params,
     decode,
+    decode_in_blocks,
+    default_decode_block,
     encode,
     init_params,
     predict,
@@ -14,6 +16,7 @@ from arssr_jax.models.decoder import Decoder
 from arssr_jax.models.encoders import ENCODERS, RDN, ResCNN, SRResNet
 
 __all__ = [
-    "ArSSR", "ModelConfig", "build_model", "count_params", "decode", "encode", "init_params",
+    "ArSSR", "ModelConfig", "build_model", "count_params", "decode", "decode_in_blocks",
+    "default_decode_block", "encode", "init_params",
     "predict", "Decoder", "ENCODERS", "RDN", "ResCNN", "SRResNet",
 ]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from arssr_jax.models import ArSSR
+from arssr_jax.models import ArSSR, decode_in_blocks, default_decode_block, encode
 from arssr_jax.training.state import TrainState
 
 
@@ -31,8 +31,11 @@ def l1_loss(pred, values):
 def arssr_loss(model: ArSSR) -> Callable:
     """Mean L1 of the model's predictions at the batch's coordinates."""
 
+    block = default_decode_block()
+
     def loss_fn(params, batch):
-        pred = model.apply({"params": params}, batch["lr"], batch["coords"])
+        features = encode(model, params, batch["lr"])
+        pred = decode_in_blocks(model, params, features, batch["coords"], block)
         return l1_loss(pred, batch["values"])
 
     return loss_fn
