@@ -26,7 +26,7 @@ Three formulations compute the same cross-correlation:
   Transforms and products are float32 whatever ``dtype`` (inputs are still rounded to
   it): bfloat16 transformed tiles double the error. Rounding: F(2, 3) is within ~2x of
   lax's; F(4, 3) on two axes ~5-10x lax's (~2e-6 of the output's range; the RDN
-  encoder 2.5e-6), F(4, 3) on all three axes ~1e-5, so it is never used. On 2 CPU
+  encoder 2.5e-6); on all three axes 6e-6 to 8e-6, so that is never used. On 2 CPU
   cores the RDN encoder on 48^3 runs in 7.3 s with 4 x 4 x 2 tiles, 12.0 s with
   2 x 2 x 2 (tests/test_conv.py, eval/benchmark_conv.py).
 
@@ -167,7 +167,7 @@ _fold2d.defvjp(_fold2d_fwd, _fold2d_bwd)
 # Interpolation points (and infinity): F(2, 3) is exact in its transforms; for F(4, 3) the
 # asymmetric set {0, 1, -1, 2, -1/2} rounds ~3x less than the usual {0, +-1, +-2}.
 _WINOGRAD_POINTS = {2: (0, 1, -1), 4: (0, 1, -1, 2, Fraction(-1, 2))}
-_WINOGRAD_WIDE_AXES = 2  # F(4, 3) on at most two axes: on all three the error reaches ~1e-5
+_WINOGRAD_WIDE_AXES = 2  # F(4, 3) on at most two axes: on all three the error is 3x larger (6e-6..8e-6)
 
 
 def _vandermonde(points, columns):
