@@ -304,11 +304,12 @@ def _winograd_plan(shape, cout):
 
 
 def _winograd_layout(shape, cout):
-    """What the slab loops need: tile sizes, tiles per slab, slab, slab counts, padded output size."""
-    n, d, h, w, _ = shape
+    """What the slab loops need: tile sizes, tiles per slab, slab, slab counts, padded output
+    size, and a slab's spatial output extent (its input extent is 2 more per axis)."""
     sizes, tiles, (nb, sd, sh), counts = _winograd_plan(shape, cout)
     size = (sizes[0] * sd * counts[1], sizes[1] * sh * counts[2], sizes[2] * tiles[2])  # padded output
-    return sizes, (sd, sh, tiles[2]), (nb, sd, sh), counts, size
+    extent = (sizes[0] * sd, sizes[1] * sh, size[2])
+    return sizes, (sd, sh, tiles[2]), (nb, sd, sh), counts, size, extent
 
 
 def _winograd_slab_start(i, slab, counts, sizes):
@@ -324,7 +325,7 @@ def _pad_to(x, size, halo):
 def _winograd_forward(x, kernel):
     n, d, h, w, cin = x.shape
     cout = kernel.shape[-1]
-    sizes, slab_tiles, (nb, sd, sh), counts, size = _winograd_layout(x.shape, cout)
+    sizes, slab_tiles, (nb, sd, sh), counts, size, extent = _winograd_layout(x.shape, cout)
     xp = _pad_to(x, size, 1)
     u = _winograd_kernel(kernel, sizes)
 
@@ -333,7 +334,7 @@ def _winograd_forward(x, kernel):
         m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
         return _winograd_output(m, xs.shape[0], slab_tiles, sizes)
 
-    window = (nb, sizes[0] * sd + 2, sizes[1] * sh + 2, size[2] + 2, cin)
+    window = (nb, *(e + 2 for e in extent), cin)
     count = math.prod(counts)
     if count == 1:
         y = slab(xp)
@@ -349,7 +350,7 @@ def _winograd_forward(x, kernel):
 def _winograd_kernel_grad(x, g, kernel_shape):
     """d(sum(winograd(x, k) * g)) / dk: sum over slabs of V^T (A-adjoint of g), then G^T . G."""
     cin, cout = x.shape[-1], kernel_shape[-1]
-    sizes, slab_tiles, (nb, sd, sh), counts, size = _winograd_layout(x.shape, cout)
+    sizes, slab_tiles, (nb, sd, sh), counts, size, extent = _winograd_layout(x.shape, cout)
     xp, gp = _pad_to(x, size, 1), _pad_to(g, size, 0)
 
     def slab(xs, gs):
@@ -363,11 +364,12 @@ def _winograd_kernel_grad(x, g, kernel_shape):
     else:
         def body(i, du):
             start = _winograd_slab_start(i, (nb, sd, sh), counts, sizes)
-            xs = jax.lax.dynamic_slice(xp, start, (nb, sizes[0] * sd + 2, sizes[1] * sh + 2, size[2] + 2, cin))
-            gs = jax.lax.dynamic_slice(gp, start, (nb, sizes[0] * sd, sizes[1] * sh, size[2], cout))
+            xs = jax.lax.dynamic_slice(xp, start, (nb, *(e + 2 for e in extent), cin))
+            gs = jax.lax.dynamic_slice(gp, start, (nb, *extent, cout))
             return du + slab(xs, gs)
 
-        du = jax.lax.fori_loop(0, count, body, jnp.zeros((math.prod(m + 2 for m in sizes), cin, cout), jnp.float32))
+        positions = math.prod(m + 2 for m in sizes)
+        du = jax.lax.fori_loop(0, count, body, jnp.zeros((positions, cin, cout), jnp.float32))
     gs = [jnp.asarray(_winograd_matrices(m)[1], jnp.float32) for m in sizes]
     return jnp.einsum("ai,bj,ck,abcxy->ijkxy", *gs, du.reshape(*(m + 2 for m in sizes), cin, cout),
                       precision=jax.lax.Precision.HIGHEST)
