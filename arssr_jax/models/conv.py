@@ -270,10 +270,14 @@ def _winograd_output_adjoint(g, tiles, sizes):
     return y.reshape(-1, nb * a * b * c, co)
 
 
+def _kernel_transforms(sizes):
+    """The G matrix of each axis's F(m, 3), float32."""
+    return [jnp.asarray(_winograd_matrices(m)[1], jnp.float32) for m in sizes]
+
+
 def _winograd_kernel(kernel, sizes):
     """(3, 3, 3, Ci, Co) -> (P, Ci, Co) float32: G g G^T per axis."""
-    gs = [jnp.asarray(_winograd_matrices(m)[1], jnp.float32) for m in sizes]
-    u = jnp.einsum("ai,bj,ck,ijkxy->abcxy", *gs, kernel.astype(jnp.float32),
+    u = jnp.einsum("ai,bj,ck,ijkxy->abcxy", *_kernel_transforms(sizes), kernel.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
     return u.reshape(-1, *kernel.shape[3:])
 
@@ -370,8 +374,8 @@ def _winograd_kernel_grad(x, g, kernel_shape):
 
         positions = math.prod(m + 2 for m in sizes)
         du = jax.lax.fori_loop(0, count, body, jnp.zeros((positions, cin, cout), jnp.float32))
-    gs = [jnp.asarray(_winograd_matrices(m)[1], jnp.float32) for m in sizes]
-    return jnp.einsum("ai,bj,ck,abcxy->ijkxy", *gs, du.reshape(*(m + 2 for m in sizes), cin, cout),
+    du = du.reshape(*(m + 2 for m in sizes), cin, cout)
+    return jnp.einsum("ai,bj,ck,abcxy->ijkxy", *_kernel_transforms(sizes), du,
                       precision=jax.lax.Precision.HIGHEST)
 
 
