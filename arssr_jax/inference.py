@@ -21,8 +21,10 @@ import numpy as np
 
 from arssr_jax import coords as grids
 from arssr_jax.errors import ArSSRError
+from arssr_jax.intensity import Normalisation
 from arssr_jax.models import ArSSR, ModelConfig, decode_in_blocks, default_decode_block, encode
 from arssr_jax.progress import progress_bar
+from arssr_jax.spline import PREFILTER_RADIUS
 
 BYTES = 4  # float32
 
@@ -31,7 +33,13 @@ BYTES = 4  # float32
 
 
 def receptive_radius(config: ModelConfig) -> int:
-    """Voxels an encoder output depends on along each axis, each side: its chain of 3^3 convs."""
+    """Voxels an encoded voxel depends on along each axis, each side: the encoder's chain of
+    3^3 convs, and in residual mode also the spline prefilter's reach."""
+    radius = _encoder_radius(config)
+    return max(radius, PREFILTER_RADIUS) if config.residual == "tricubic" else radius
+
+
+def _encoder_radius(config: ModelConfig) -> int:
     options = {**_encoder_defaults(config.encoder), **dict(config.encoder_options)}
     if config.encoder == "RDN":
         return 4 + options["num_blocks"] * options["num_layers"]  # sfe1, sfe2, gff_1, output
@@ -54,6 +62,8 @@ def activation_bytes_per_voxel(config: ModelConfig) -> int:
         channels = (o["num_blocks"] + 2) * o["num_features"] + o["num_layers"] * o["growth"] + config.feature_dim
     else:
         channels = 4 * o["num_features"] + config.feature_dim
+    if config.residual == "tricubic":  # the prefilter's window of 2 * radius + 1 taps
+        channels = max(channels, 2 * PREFILTER_RADIUS + 1 + config.encoded_channels)
     return 2 * BYTES * channels
 
 
@@ -159,7 +169,7 @@ def encode_volume(model: ArSSR, params, volume, tile=None, max_tile_bytes=None, 
     else:
         core = (int(tile),) * 3 if np.ndim(tile) == 0 else tuple(int(t) for t in tile)
     tiles = plan_tiles(shape, core, halo)
-    features = np.empty(shape + (config.feature_dim,), np.float32)
+    features = np.empty(shape + (config.encoded_channels,), np.float32)
     volume = np.asarray(volume, np.float32)
     for t in progress_bar(tiles, desc="encode", unit="tile", enabled=progress and len(tiles) > 1):
         out = _encode_one(model, params, jnp.asarray(volume[t.read]))
@@ -238,27 +248,6 @@ def _store(out, start, values, total):
 # --------------------------------------------------------------------------- the main job
 
 
-@dataclass(frozen=True)
-class Normalisation:
-    """Min-max normalisation to [0, 1], the range the model was trained on; undone on output."""
-
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, volume) -> "Normalisation":
-        low, high = float(np.min(volume)), float(np.max(volume))
-        if not high > low:
-            raise ArSSRError(f"the input volume is constant ({low}); there is nothing to super-resolve")
-        return cls(low, high)
-
-    def apply(self, volume):
-        return (np.asarray(volume, np.float32) - self.low) / (self.high - self.low)
-
-    def undo(self, volume):
-        return np.asarray(volume, np.float32) * (self.high - self.low) + self.low
-
-
 def resolve_model(model, padding=None):
     """(ArSSR module, params) from a spec (None = shipped default, a directory, a name) or a pair."""
     if isinstance(model, tuple) and len(model) == 2:
@@ -298,7 +287,7 @@ def check_fits_in_memory(lr_shape, grid: grids.TargetGrid, config: ModelConfig, 
             f"{what} would have {grid.num_voxels:,} voxels ({'x'.join(map(str, grid.shape))}); "
             "that is more than one volume can hold: use a smaller scale or a larger voxel size"
         )
-    needed = BYTES * (grid.num_voxels + 2 * math.prod(lr_shape) * config.feature_dim)
+    needed = BYTES * (grid.num_voxels + 2 * math.prod(lr_shape) * config.encoded_channels)
     available = available_memory_bytes()
     if needed > 0.8 * available:
         raise ArSSRError(
@@ -330,8 +319,9 @@ def upsample(
     - ``grid``: a :class:`arssr_jax.coords.TargetGrid` (e.g. from ``grid_like``).
 
     ``model``: None (the shipped default model), a model directory, a training workdir,
-    a shipped name, or a ``(module, params)`` pair. ``normalize``: min-max the input to
-    [0, 1] and restore its range on output (off: intensities are fed as they are).
+    a shipped name, or a ``(module, params)`` pair. ``normalize``: map the input's 0.5th and
+    99.5th percentiles to 0 and 1 (:class:`arssr_jax.intensity.Normalisation`, the rule the
+    training volumes get) and restore its scale on output (off: intensities are fed as they are).
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:

@@ -31,6 +31,16 @@ class AugmentConfig:
     noise_std:       add Gaussian noise of standard deviation ``U(0, noise_std)`` to
                      the LR input only (after degradation): the model learns to
                      reconstruct clean HR from a noisy LR, not to reproduce noise.
+    contrast:        probability of remapping the HR intensities through a random
+                     piecewise-linear curve (knots every 0.15, values U(0, 1), the
+                     first U(0, 0.1)): tissue contrasts the data does not have
+                     (T2-, PD-, FLAIR-like inversions), as in domain randomisation.
+    rician_noise:    magnitude (Rician) noise of sigma ``U(0, rician_noise)`` on the HR
+                     patch, before degradation: the target is as noisy as a real scan,
+                     so the model learns not to sharpen noise, and sees noisy
+                     backgrounds instead of exact zeros.
+    hot_voxels:      probability of 1-4 HR voxels set to U(1.5, 3) (spikes, vessels).
+    clip_lr:         probability of clipping the LR at 0, as a magnitude image is.
     """
 
     flip: bool = False
@@ -39,11 +49,15 @@ class AugmentConfig:
     intensity_scale: float = 0.0
     bias_field: float = 0.0
     noise_std: float = 0.0
+    contrast: float = 0.0
+    rician_noise: float = 0.0
+    hot_voxels: float = 0.0
+    clip_lr: float = 0.0
 
     @property
     def any_hr(self) -> bool:
         return bool(self.flip or self.permute or self.gamma or self.intensity_scale
-                    or self.bias_field)
+                    or self.bias_field or self.contrast or self.rician_noise or self.hot_voxels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +195,13 @@ class DataConfig:
             bad("samples_per_step", f"K must be <= {lo ** 3} HR voxels of the smallest HR "
                 f"patch ({lo}^3 at the smallest scale); lower K or raise scale_min")
         a = self.augment
-        for field in ("gamma", "intensity_scale", "bias_field", "noise_std"):
+        for field in ("gamma", "intensity_scale", "bias_field", "noise_std", "rician_noise"):
             if getattr(a, field) < 0:
                 raise ArSSRError(f"AugmentConfig.{field}={getattr(a, field)!r}: must be >= 0")
+        for field in ("contrast", "hot_voxels", "clip_lr"):
+            if not 0.0 <= getattr(a, field) <= 1.0:
+                raise ArSSRError(f"AugmentConfig.{field}={getattr(a, field)!r}: a probability, "
+                                 "must lie in [0, 1]")
         if a.intensity_scale >= 1:
             raise ArSSRError(f"AugmentConfig.intensity_scale={a.intensity_scale!r}: must be < 1")
         return self

@@ -79,20 +79,45 @@ def _bias_field(shape, strength: float, rng: np.random.Generator) -> np.ndarray:
     return np.exp(f)
 
 
+CONTRAST_KNOTS = np.arange(0.0, 1.2, 0.15)
+
+
+def random_contrast(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``hr`` through a random piecewise-linear intensity curve (held constant past the last knot)."""
+    values = rng.uniform(0.0, 1.0, size=len(CONTRAST_KNOTS))
+    values[0] = rng.uniform(0.0, 0.1)
+    return np.interp(hr, CONTRAST_KNOTS, values)
+
+
+def rician(hr: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Magnitude of ``hr`` plus complex Gaussian noise of standard deviation ``sigma``."""
+    real = hr + rng.normal(0.0, sigma, size=hr.shape)
+    imaginary = rng.normal(0.0, sigma, size=hr.shape)
+    return np.sqrt(real * real + imaginary * imaginary)
+
+
 def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
-    """Apply the enabled HR augmentations (flip, permute, gamma, scale, bias field)."""
+    """Apply the enabled HR augmentations in this order: flip, permute, contrast, gamma,
+    scale, bias field, Rician noise, hot voxels."""
     if aug.flip:
         flips = rng.random(3) < 0.5
         hr = hr[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
     if aug.permute:
         hr = np.transpose(hr, rng.permutation(3))
     hr = np.ascontiguousarray(hr, dtype=np.float64)
+    if aug.contrast and rng.random() < aug.contrast:
+        hr = random_contrast(hr, rng)
     if aug.gamma:
         hr = np.clip(hr, 0.0, None) ** np.exp(rng.uniform(-aug.gamma, aug.gamma))
     if aug.intensity_scale:
         hr = hr * rng.uniform(1.0 - aug.intensity_scale, 1.0 + aug.intensity_scale)
     if aug.bias_field:
         hr = hr * _bias_field(hr.shape, aug.bias_field, rng)
+    if aug.rician_noise:
+        hr = rician(hr, rng.uniform(0.0, aug.rician_noise), rng)
+    if aug.hot_voxels and rng.random() < aug.hot_voxels:
+        count = int(rng.integers(1, 5))
+        hr.reshape(-1)[rng.choice(hr.size, size=count, replace=False)] = rng.uniform(1.5, 3.0, size=count)
     return hr.astype(np.float32)
 
 
@@ -120,6 +145,8 @@ def make_patch(volume: np.ndarray, config: DataConfig, rng: np.random.Generator,
     if config.augment.noise_std:
         sigma = rng.uniform(0.0, config.augment.noise_std)
         lr = (lr + rng.normal(0.0, sigma, size=lr.shape)).astype(np.float32)
+    if config.augment.clip_lr and rng.random() < config.augment.clip_lr:
+        lr = np.maximum(lr, 0.0)
     return hr, lr, np.asarray(scales, np.float64)
 
 

@@ -1,4 +1,4 @@
-"""HR training volumes: find, read once, check, min-max normalise to [0, 1]."""
+"""HR training volumes: find, read once, check, normalise (the rule inference uses)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Sequence, Tuple, Union
 import numpy as np
 
 from arssr_jax.errors import ArSSRError
+from arssr_jax.intensity import Normalisation
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -100,7 +101,8 @@ def read_nifti(path: str) -> np.ndarray:
 
 
 def normalise_volume(data: np.ndarray, name: str) -> np.ndarray:
-    """Check a 3D array and min-max normalise it to [0, 1] float32."""
+    """Check a 3D array and normalise it as inference normalises its input (0.5th and
+    99.5th percentiles to 0 and 1, :class:`arssr_jax.intensity.Normalisation`), float32."""
     data = np.asarray(data)
     if data.ndim != 3:
         raise ArSSRError(f"{name}: shape {data.shape} is not a 3D volume; give 3D HR volumes")
@@ -110,13 +112,10 @@ def normalise_volume(data: np.ndarray, name: str) -> np.ndarray:
     if not np.all(np.isfinite(data)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise ArSSRError(f"{name}: {bad} voxels are NaN or infinite; fix or remove the volume")
-    lo, hi = float(data.min()), float(data.max())
-    if hi <= lo:
-        raise ArSSRError(f"{name}: the volume is constant ({lo}); it carries no signal to "
+    if float(data.max()) <= float(data.min()):
+        raise ArSSRError(f"{name}: the volume is constant ({float(data.min())}); it carries no signal to "
                          "learn from, remove it")
-    out = ((data - lo) / (hi - lo)).astype(np.float32)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
+    return Normalisation.of(data, name).apply(data)
 
 
 def load_volumes(source) -> VolumeSet:

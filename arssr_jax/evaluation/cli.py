@@ -54,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable: one per scale)")
     p.add_argument("--nearest", action="store_true", help="add a nearest-neighbour row (sanity floor)")
     p.add_argument("--metrics", default="psnr,ssim,psi,lpc_si,dice",
-                   help="comma-separated subset of psnr,ssim,psi,lpc_si,dice (real scans: psi,lpc_si only)")
+                   help="comma-separated subset of psnr,ssim,psnr_head,ssim_head,psi,lpc_si,dice,bands "
+                   "(real scans: psi,lpc_si only)")
+    p.add_argument("--clip-lr", action="store_true",
+                   help="clip the simulated LR at 0, as a magnitude image is")
+    p.add_argument("--by-volume", action="store_true",
+                   help="one table per HR volume in results.md (e.g. one per held-out source)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="feed ArSSR models the [0, 1] inputs as they are (the reference's released weights); "
+                   "by default they normalise their input as arssr-jax upsample does")
     p.add_argument("--figure-volume", type=int, default=0, help="index of the volume shown in the figures (0)")
     p.add_argument("--figure-scale", type=float, default=None, help="scale shown in the figures (largest)")
     p.add_argument("--no-figures", action="store_true")
@@ -77,11 +85,18 @@ def _out_dir(path) -> Path:
 
 
 def _loader(path):
+    """The volume min-max normalised to [0, 1] (the paper's convention for scoring)."""
+
     def load():
-        from arssr_jax.data.volumes import normalise_volume
+        import numpy as np
+
         from arssr_jax.nifti import load as load_nifti
 
-        return normalise_volume(load_nifti(path).data, str(path))
+        data = np.asarray(load_nifti(path).data, np.float64)
+        low, high = data.min(), data.max()
+        if not high > low:
+            raise ArSSRError(f"{path} is constant; it cannot be scored")
+        return ((data - low) / (high - low)).astype(np.float32)
 
     return load
 
@@ -106,7 +121,7 @@ def run_evaluation(args) -> list[Path]:
     models = [runners.interpolation_runner("nearest")] if args.nearest else []
     models.append(runners.interpolation_runner("tricubic"))
     models += [runners.baseline_runner(spec, tile=args.tile) for spec in args.baseline]
-    models += [runners.arssr_runner(spec) for spec in args.arssr]
+    models += [runners.arssr_runner(spec, normalize=not args.no_normalize) for spec in args.arssr]
     runners.unique_labels(models)
 
     items = [(f, _loader(f)) for f in files]
@@ -114,12 +129,13 @@ def run_evaluation(args) -> list[Path]:
     if real:
         results = protocol.evaluate_real(items, models, scales, **common)
     else:
-        results = protocol.evaluate_simulated(items, models, scales, degradation=args.degradation, **common)
-    written = tables.write_tables(results, out)
+        results = protocol.evaluate_simulated(items, models, scales, degradation=args.degradation,
+                                              clip_lr=args.clip_lr, **common)
+    written = tables.write_tables(results, out, by_volume=args.by_volume)
     if not args.no_figures and results.figure is not None:
         written += figures.write_figures(results.figure, out)
     if not args.quiet:
-        print(tables.markdown(results), end="")
+        print(tables.markdown_by_volume(results) if args.by_volume else tables.markdown(results), end="")
         print(f"wrote {', '.join(str(p) for p in written)}")
     return written
 

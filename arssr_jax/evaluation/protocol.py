@@ -12,7 +12,13 @@ by every runner onto the ground truth's grid and scored against it:
   orientation with smaller slices is left out (NaN when none is left);
 * ``dice``: tissue classes (background / CSF / GM / WM by an intensity model fitted on
   the ground truth, :func:`arssr_jax.metrics.dice`); the mean of the three classes and
-  each class.
+  each class;
+* ``psnr_head``, ``ssim_head``: the same inside the head (:func:`head_mask`: the
+  ground truth above its Otsu threshold, holes filled), data range still the whole
+  ground truth's;
+* ``bands``: the mean absolute error in each band of ground-truth intensity
+  (:data:`BAND_EDGES`, as fractions of the ground truth's range above its minimum):
+  columns ``mae_band_0`` .. ``mae_band_9``, so no band's error can hide in an average.
 
 The ground truth itself is scored with the no-reference metrics once per volume.
 
@@ -35,11 +41,13 @@ from arssr_jax.errors import ArSSRError
 from arssr_jax.evaluation.runners import Runner
 from arssr_jax.evaluation.simulate import simulate_lr
 
-METRICS = ("psnr", "ssim", "psi", "lpc_si", "dice")
+METRICS = ("psnr", "ssim", "psnr_head", "ssim_head", "psi", "lpc_si", "dice", "bands")
 NO_REFERENCE = ("psi", "lpc_si")
 PAPER_SCALES = (2.0, 2.5, 3.0, 3.5, 4.0)
 PSI_BLOCK = 32
 GROUND_TRUTH = "ground truth"
+BAND_EDGES = tuple(round(0.1 * k, 1) for k in range(11))  # the last band includes 1.0
+MIN_BAND_VOXELS = 50  # a band with fewer ground-truth voxels is not scored (NaN)
 
 
 @dataclass
@@ -109,17 +117,49 @@ def no_reference_scores(volume, mask, metrics) -> dict:
     return out
 
 
-def reference_scores(sr, gt, mask, tissue, metrics) -> dict:
+def head_mask(gt) -> np.ndarray:
+    """Voxels inside the head (or brain): above the Otsu threshold, enclosed holes filled."""
+    from scipy.ndimage import binary_fill_holes
+
+    return binary_fill_holes(np.asarray(gt) > M.otsu_threshold(gt))
+
+
+def band_index(gt) -> np.ndarray:
+    """Each voxel's band of ground-truth intensity (0 .. len(BAND_EDGES) - 2)."""
+    gt = np.asarray(gt, np.float64)
+    relative = (gt - gt.min()) / (gt.max() - gt.min())
+    return np.clip(np.digitize(relative, BAND_EDGES[1:-1]), 0, len(BAND_EDGES) - 2)
+
+
+def band_errors(sr, gt, bands=None) -> dict:
+    """``{"mae_band_k": mean |sr - gt| over band k}`` (NaN for a band of < MIN_BAND_VOXELS)."""
+    bands = band_index(gt) if bands is None else bands
+    error = np.abs(np.asarray(sr, np.float64) - np.asarray(gt, np.float64))
+    count = np.bincount(bands.ravel(), minlength=len(BAND_EDGES) - 1)
+    total = np.bincount(bands.ravel(), weights=error.ravel(), minlength=len(BAND_EDGES) - 1)
+    return {f"mae_band_{k}": float(total[k] / count[k]) if count[k] >= MIN_BAND_VOXELS else float("nan")
+            for k in range(len(BAND_EDGES) - 1)}
+
+
+def reference_scores(sr, gt, mask, tissue, metrics, head=None) -> dict:
     out = {}
     if "psnr" in metrics:
         out["psnr"] = M.psnr(sr, gt)
     if "ssim" in metrics:
         out["ssim"] = M.ssim(sr, gt)
+    if "psnr_head" in metrics or "ssim_head" in metrics:
+        head = head_mask(gt) if head is None else head
+        if "psnr_head" in metrics:
+            out["psnr_head"] = M.psnr(sr, gt, mask=head)
+        if "ssim_head" in metrics:
+            out["ssim_head"] = M.ssim(sr, gt, mask=head)
     out.update(no_reference_scores(sr, mask, metrics))
     if "dice" in metrics:
         d = M.dice(sr, gt, model=tissue)
         out["dice"] = d.pop("mean")
         out.update({f"dice_{k}": v for k, v in d.items()})
+    if "bands" in metrics:
+        out.update(band_errors(sr, gt))
     return out
 
 
@@ -143,8 +183,13 @@ def _bar(total, desc, quiet):
 
 def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[Runner], scales,
                        *, degradation: str = "centred", metrics=METRICS, figure_volume: int = 0,
-                       figure_scale: Optional[float] = None, quiet: bool = False) -> Results:
-    """``volumes``: (name, HR array normalised to [0, 1], or a function loading it) pairs."""
+                       figure_scale: Optional[float] = None, quiet: bool = False,
+                       clip_lr: bool = False) -> Results:
+    """``volumes``: (name, HR array normalised to [0, 1], or a function loading it) pairs.
+
+    ``clip_lr``: clip the simulated LR at 0, as a magnitude image is (the spline's
+    undershoot next to a dark background is otherwise negative).
+    """
     scales = check_scales(scales)
     metrics = check_metrics(metrics)
     _check_fixed_scales(runners, scales)
@@ -155,6 +200,7 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
         for v, (name, hr) in enumerate(volumes):
             hr = np.asarray(hr() if callable(hr) else hr, np.float32)
             mask = hr > M.otsu_threshold(hr)
+            head = head_mask(hr)
             tissue = M.fit_tissue_model(hr) if "dice" in metrics else None
             nr = no_reference_scores(hr, mask, metrics)
             if nr:
@@ -162,6 +208,8 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
             for s in scales:
                 bar.set_postfix_str(f"{_short(name)} x{s:g}")
                 lr = simulate_lr(hr, s, degradation)
+                if clip_lr:
+                    lr = np.maximum(lr, 0.0)
                 keep = v == figure_volume and math.isclose(s, fig_scale)
                 outputs = {}
                 for r in runners:
@@ -169,7 +217,7 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
                         continue
                     sr = r(lr, hr.shape)
                     records.append(dict(volume=name, scale=s, model=r.label, kind=r.kind,
-                                        **reference_scores(sr, hr, mask, tissue, metrics)))
+                                        **reference_scores(sr, hr, mask, tissue, metrics, head)))
                     if keep:
                         outputs[r.label] = sr
                 if keep:
@@ -177,7 +225,8 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
                 bar.update(1)
     finally:
         bar.close()
-    return Results(records, _model_order(runners), scales, metrics, "simulated", degradation, figure)
+    notes = ["LR clipped at 0 (a magnitude image)"] if clip_lr else []
+    return Results(records, _model_order(runners), scales, metrics, "simulated", degradation, figure, notes)
 
 
 def evaluate_real(scans: Sequence[tuple[str, np.ndarray]], runners: list[Runner], scales, *,
@@ -234,4 +283,5 @@ def _short(name: str) -> str:
 
 
 __all__ = ["METRICS", "NO_REFERENCE", "PAPER_SCALES", "GROUND_TRUTH", "FigureCase", "Results", "check_scales",
-           "check_metrics", "evaluate_simulated", "evaluate_real", "reference_scores", "no_reference_scores"]
+           "check_metrics", "evaluate_simulated", "evaluate_real", "reference_scores", "no_reference_scores",
+           "head_mask", "band_errors", "band_index", "BAND_EDGES"]

@@ -8,9 +8,9 @@ the same voxels:
 * fixed-scale baseline CNNs (``--baseline NAME:DIR``): tricubic onto the HR grid, then
   the network; a baseline runs only at the scale it was trained for;
 * ArSSR models (``--arssr [LABEL=]DIR_OR_NAME``): ``arssr_jax.inference.upsample``
-  with ``shape=hr_shape``, any scale. The input is fed as it is (``normalize=False``):
-  simulated LR comes from an HR volume already min-max normalised to [0, 1], exactly
-  like the training data, and real scans are normalised to [0, 1] before any model.
+  with ``shape=hr_shape``, any scale, normalising the input exactly as
+  ``arssr-jax upsample`` does (``normalize=False``: fed as it is, for the reference's
+  released weights, which expect [0, 1]).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def baseline_runner(spec: str, tile: int = 64) -> Runner:
     return Runner(label, "baseline", fn, scale=float(document["scale"]), info=info)
 
 
-def arssr_runner(spec, tile=None, chunk=None) -> Runner:
+def arssr_runner(spec, tile=None, chunk=None, normalize=True) -> Runner:
     """``[LABEL=]DIR_OR_NAME`` or a (module, params) pair; the label defaults to ArSSR-<encoder>."""
     from arssr_jax.inference import upsample
     from arssr_jax.weights import load_model
@@ -78,7 +78,7 @@ def arssr_runner(spec, tile=None, chunk=None) -> Runner:
         module, params, _ = load_model(source)
     label = label or f"ArSSR-{module.config.encoder}"
     pair = (module, params)
-    fn = lambda lr, shape: upsample(lr, pair, shape=shape, normalize=False, tile=tile, chunk=chunk)
+    fn = lambda lr, shape: upsample(lr, pair, shape=shape, normalize=normalize, tile=tile, chunk=chunk)
     return Runner(label, "arssr", fn, info={"source": str(source), "encoder": module.config.encoder})
 
 

@@ -24,8 +24,9 @@ import numpy as np
 
 from arssr_jax.evaluation.protocol import GROUND_TRUTH, Results
 
-HEADINGS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psi": "PSI", "lpc_si": "LPC-SI", "dice": "Dice"}
-DIGITS = {"psnr": 2}
+HEADINGS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_head": "PSNR head (dB)", "ssim_head": "SSIM head",
+            "psi": "PSI", "lpc_si": "LPC-SI", "dice": "Dice"}
+DIGITS = {"psnr": 2, "psnr_head": 2}
 DEFAULT_DIGITS = 4
 
 
@@ -33,6 +34,10 @@ def metric_columns(results: Results) -> list[str]:
     """Every numeric column of the records, in the order the metrics were chosen."""
     columns = []
     for m in results.metrics:
+        if m == "bands":
+            columns.extend(sorted({k for r in results.records for k in r if k.startswith("mae_band_")},
+                                  key=lambda k: int(k.rsplit("_", 1)[1])))
+            continue
         columns.append(m)
         if m == "dice":
             extra = sorted({k for r in results.records for k in r if k.startswith("dice_")})
@@ -81,6 +86,43 @@ def _cell(row, metric) -> str:
     return _fmt(mean, metric)
 
 
+def for_volume(results: Results, volume) -> Results:
+    """The records of one volume only (same models, scales and metrics)."""
+    records = [r for r in results.records if r["volume"] == volume]
+    return Results(records, results.models, results.scales, results.metrics, results.mode, results.degradation,
+                   None, results.notes)
+
+
+def markdown_by_volume(results: Results) -> str:
+    """One section (heading = the file name) and table per volume."""
+    volumes = list(dict.fromkeys(r["volume"] for r in results.records))
+    return "\n".join(f"### {os.path.basename(str(v))}\n\n" + markdown(for_volume(results, v)) for v in volumes)
+
+
+def band_markdown(results: Results, rows) -> str:
+    """MAE per ground-truth intensity band (x 1000) and, per row, the worst ratio to tricubic."""
+    bands = [c for c in metric_columns(results) if c.startswith("mae_band_")]
+    if not bands:
+        return ""
+    from arssr_jax.evaluation.protocol import BAND_EDGES
+
+    names = [f"{BAND_EDGES[int(c.rsplit('_', 1)[1])]:.1f}-{BAND_EDGES[int(c.rsplit('_', 1)[1]) + 1]:.1f}" for c in bands]
+    lines = ["", "Mean absolute error x 1000 by ground-truth intensity band (fraction of its range); last column: "
+             "the largest ratio of a band's error to tricubic's at that scale (<= 1.10 is the target).", "",
+             "| Scale | Model | " + " | ".join(names) + " | worst / tricubic |",
+             "|---|---|" + "---:|" * (len(names) + 1)]
+    tricubic = {r["scale"]: r for r in rows if r["model"] == "tricubic"}
+    for r in rows:
+        if r["model"] == GROUND_TRUTH:
+            continue
+        cells = ["n/a" if math.isnan(r[c]) else f"{1000 * r[c]:.2f}" for c in bands]
+        base = tricubic.get(r["scale"])
+        ratios = [r[c] / base[c] for c in bands if base and not math.isnan(r[c]) and base[c] > 0]
+        worst = f"{max(ratios):.3f}" if ratios else "n/a"
+        lines.append(f"| ×{r['scale']:g} | {r['model']} | " + " | ".join(cells) + f" | {worst} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: Results, rows=None) -> str:
     rows = aggregate(results) if rows is None else rows
     n = len({r["volume"] for r in results.records})
@@ -91,10 +133,12 @@ def markdown(results: Results, rows=None) -> str:
     else:
         lines.append(f"Real scans ({n} volume{'s' * (n != 1)}), no ground truth: no-reference sharpness only "
                      "(higher = sharper; not a measure of fidelity).")
+    if results.notes:
+        lines.append("; ".join(results.notes) + ".")
     if n > 1:
         lines.append("Values: mean ± standard deviation over volumes.")
     lines.append("")
-    metrics = list(results.metrics)
+    metrics = [m for m in results.metrics if m != "bands"]
     main = [r for r in rows if r["model"] != GROUND_TRUTH]
     lines.append("| Scale | Model | " + " | ".join(HEADINGS[m] for m in metrics) + " |")
     lines.append("|---|---|" + "---:|" * len(metrics))
@@ -106,7 +150,7 @@ def markdown(results: Results, rows=None) -> str:
         lines += ["", "Ground truth (HR) no-reference scores, for comparison:", "",
                   "| | " + " | ".join(HEADINGS[m] for m in nr) + " |", "|---|" + "---:|" * len(nr),
                   f"| {GROUND_TRUTH} | " + " | ".join(_cell(truth[0], m) for m in nr) + " |"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + band_markdown(results, rows)
 
 
 def csv_text(results: Results, rows=None) -> str:
@@ -154,9 +198,10 @@ def write_atomic(path, text: str) -> Path:
     return path
 
 
-def write_tables(results: Results, out_dir) -> list[Path]:
+def write_tables(results: Results, out_dir, by_volume: bool = False) -> list[Path]:
     out_dir = Path(out_dir)
     rows = aggregate(results)
-    return [write_atomic(out_dir / "results.md", markdown(results, rows)),
+    text = markdown_by_volume(results) if by_volume else markdown(results, rows)
+    return [write_atomic(out_dir / "results.md", text),
             write_atomic(out_dir / "results.csv", csv_text(results, rows)),
             write_atomic(out_dir / "results_per_volume.csv", per_volume_csv_text(results))]

@@ -17,25 +17,40 @@ from arssr_jax.metrics._validation import as_image, check_data_range, gt_range, 
 __all__ = ["psnr", "ssim"]
 
 
-def psnr(prediction, ground_truth, *, data_range=None) -> float:
+def _check_mask(mask, shape):
+    if mask is None:
+        return None
+    mask = np.asarray(mask, bool)
+    if mask.shape != tuple(shape):
+        raise ArSSRError(f"mask shape {mask.shape} differs from the image shape {tuple(shape)}; pass a mask of the "
+                         "image's shape")
+    if not mask.any():
+        raise ArSSRError("the mask selects no voxel; pass a mask with at least one voxel set")
+    return mask
+
+
+def psnr(prediction, ground_truth, *, data_range=None, mask=None) -> float:
     """Peak signal-to-noise ratio in dB.
 
-    ``PSNR = 10 * log10(R**2 / MSE)`` with ``R = max(gt) - min(gt)`` unless
-    ``data_range`` is given, and ``MSE`` the mean squared error over all voxels.
-    Identical images give ``inf``. Any dimensionality; shapes must match.
+    ``PSNR = 10 * log10(R**2 / MSE)`` with ``R = max(gt) - min(gt)`` (of the whole image)
+    unless ``data_range`` is given, and ``MSE`` the mean squared error over all voxels,
+    or over the voxels of ``mask``. Identical images give ``inf``. Any dimensionality;
+    shapes must match.
     """
     pred = as_image(prediction, "prediction")
     gt = as_image(ground_truth, "ground_truth")
     same_shape(pred, gt)
+    mask = _check_mask(mask, gt.shape)
     rng = gt_range(gt) if data_range is None else check_data_range(data_range)
-    mse = float(np.mean((pred - gt) ** 2))
+    error = (pred - gt) ** 2
+    mse = float(np.mean(error if mask is None else error[mask]))
     if mse == 0.0:
         return math.inf
     return float(10.0 * np.log10(rng * rng / mse))
 
 
 def ssim(prediction, ground_truth, data_range=None, *, win_size: int = 7,
-         k1: float = 0.01, k2: float = 0.03) -> float:
+         k1: float = 0.01, k2: float = 0.03, mask=None) -> float:
     """Mean structural similarity of two 2D or 3D images.
 
     Reproduces ``skimage.metrics.structural_similarity(pred, gt, data_range=R)``
@@ -44,10 +59,12 @@ def ssim(prediction, ground_truth, data_range=None, *, win_size: int = 7,
     sample covariance (N/(N-1) with N = win_size**ndim), and the mean of the SSIM
     map over the interior left after cropping ``(win_size-1)//2`` voxels from
     every side. ``R`` defaults to ``max(gt) - min(gt)``. Computed in float64.
+    ``mask``: the mean over the voxels of the interior that the mask selects instead.
     """
     pred = as_image(prediction, "prediction", ndims=(2, 3))
     gt = as_image(ground_truth, "ground_truth", ndims=(2, 3))
     same_shape(pred, gt)
+    mask = _check_mask(mask, gt.shape)
     if not isinstance(win_size, (int, np.integer)) or win_size < 3 or win_size % 2 == 0:
         raise ArSSRError(f"win_size={win_size!r} must be an odd integer >= 3; the default is 7.")
     if min(gt.shape) < win_size:
@@ -75,5 +92,11 @@ def ssim(prediction, ground_truth, data_range=None, *, win_size: int = 7,
     ssim_map = num / den
 
     pad = (win_size - 1) // 2
-    interior = ssim_map[tuple(slice(pad, s - pad) for s in ssim_map.shape)]
+    crop = tuple(slice(pad, s - pad) for s in ssim_map.shape)
+    interior = ssim_map[crop]
+    if mask is not None:
+        inside = mask[crop]
+        if not inside.any():
+            raise ArSSRError(f"the mask selects no voxel at least {pad} voxels from the border; pass a larger mask")
+        return float(interior[inside].mean(dtype=np.float64))
     return float(interior.mean(dtype=np.float64))

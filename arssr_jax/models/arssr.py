@@ -13,8 +13,12 @@ import jax.numpy as jnp
 from arssr_jax.models.decoder import Decoder
 from arssr_jax.models.encoders import ENCODERS
 from arssr_jax.sampling import PADDING_MODES, sample_features_batched
+from arssr_jax.spline import local_range, prefilter, sample_cubic_batched
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What the decoder predicts: "none" = the intensity itself (the reference, final ReLU);
+# "tricubic" = a correction added to the input's tricubic interpolant (see ArSSR).
+RESIDUAL_MODES = ("none", "tricubic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +34,7 @@ class ModelConfig:
     decoder_width: int = 256
     padding: str = "zeros"  # feature sampling outside the volume: "zeros" (reference) or "border"
     compute_dtype: str = "float32"  # "bfloat16": bf16 products, float32 parameters and sums
+    residual: str = "none"  # "tricubic": predict a correction to the tricubic interpolant
 
     def __post_init__(self):
         options = self.encoder_options
@@ -41,6 +46,14 @@ class ModelConfig:
             raise ValueError(f"padding must be one of {PADDING_MODES}, got {self.padding!r}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
+        if self.residual not in RESIDUAL_MODES:
+            raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
+
+    @property
+    def encoded_channels(self) -> int:
+        """Channels of the map ``encode`` returns: the features, and in residual mode the
+        input's spline coefficients and local range."""
+        return self.feature_dim + (2 if self.residual == "tricubic" else 0)
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -63,7 +76,17 @@ class ModelConfig:
 
 
 class ArSSR(nn.Module):
-    """Volumes (N, X, Y, Z, 1) in [0, 1]; coordinates (N, K, 3) in the [-1, 1] cube."""
+    """Volumes (N, X, Y, Z, 1) in [0, 1]; coordinates (N, K, 3) in the [-1, 1] cube.
+
+    ``residual="none"`` (the reference): intensity = decoder(feature, coordinate), ReLU'd.
+    ``residual="tricubic"``: intensity = tricubic(p) + range(p) * decoder(feature, coordinate),
+    where tricubic(p) is the input's cubic B-spline interpolant at p (equal to scipy's),
+    range(p) the trilinearly sampled 3^3 max - min of the input, and the decoder has no
+    final ReLU. The model starts from interpolation (a zero last layer gives exactly
+    tricubic), cannot erase what the input shows, adds nothing where the input is flat,
+    and its correction scales with the local contrast, so it follows the input's
+    intensity scale.
+    """
 
     config: ModelConfig = ModelConfig()
 
@@ -71,16 +94,28 @@ class ArSSR(nn.Module):
         cfg = self.config
         dtype = DTYPES[cfg.compute_dtype]
         self.encoder = ENCODERS[cfg.encoder](feature_dim=cfg.feature_dim, dtype=dtype, **dict(cfg.encoder_options))
-        self.decoder = Decoder(depth=cfg.decoder_depth, width=cfg.decoder_width, dtype=dtype)
+        self.decoder = Decoder(depth=cfg.decoder_depth, width=cfg.decoder_width, dtype=dtype,
+                               final_relu=cfg.residual == "none")
 
     def encode(self, volume):
-        """(N, X, Y, Z, 1) -> feature map (N, X, Y, Z, feature_dim), float32."""
-        return self.encoder(volume).astype(jnp.float32)
+        """(N, X, Y, Z, 1) -> map (N, X, Y, Z, config.encoded_channels), float32."""
+        features = self.encoder(volume).astype(jnp.float32)
+        if self.config.residual == "none":
+            return features
+        intensity = volume[..., 0].astype(jnp.float32)
+        extra = jnp.stack([prefilter(intensity), local_range(intensity)], axis=-1)
+        return jnp.concatenate([features, extra], axis=-1)
 
     def decode(self, features, coords):
-        """Features (N, X, Y, Z, F) sampled at coords (N, K, 3) -> intensities (N, K, 1)."""
-        sampled = sample_features_batched(features, coords, self.config.padding)
-        return self.decoder(jnp.concatenate([sampled, coords.astype(sampled.dtype)], axis=-1))
+        """Map (N, X, Y, Z, encoded_channels) sampled at coords (N, K, 3) -> intensities (N, K, 1)."""
+        f = self.config.feature_dim
+        sampled = sample_features_batched(features[..., :f], coords, self.config.padding)
+        out = self.decoder(jnp.concatenate([sampled, coords.astype(sampled.dtype)], axis=-1))
+        if self.config.residual == "none":
+            return out
+        base = sample_cubic_batched(features[..., f], coords)[..., None]
+        contrast = sample_features_batched(features[..., f + 1 :], coords, "border")
+        return base + contrast * out
 
     def __call__(self, volume, coords):
         return self.decode(self.encode(volume), coords)

@@ -1,0 +1,87 @@
+"""Write the default model's training volumes and the held-out evaluation volumes.
+
+Training source (one subject, a head with skull and scalp):
+  Colin 27 from Debian's ``mricron-data`` (``/usr/share/mricron/templates``):
+  ``ch2.nii.gz`` (1 mm) and ``ch2better.nii.gz`` (0.5 mm)  ->  OUT/train/
+
+Held-out sources (never used for training or for choosing a checkpoint):
+  mni152   nilearn's MNI152 2009 T1 template, 1 mm, brain only (an average of 152 brains)
+  anatomical  nibabel's bundled ``anatomical.nii``, a real single-subject 2 mm T1
+  inia19   the INIA19 rhesus macaque T1 template, 0.5 mm, brain only (``mricron-data``)
+  ->  OUT/heldout/<source>.nii.gz, each cropped to its foreground's bounding box plus
+  8 voxels (the background far from the head scores the same for every method).
+
+    apt-get install mricron-data      # Colin 27 and INIA19
+    pip install nilearn               # MNI152 (also in the test extras)
+    python train/prepare_data.py data
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+MRICRON = Path(os.environ.get("MRICRON_TEMPLATES", "/usr/share/mricron/templates"))
+TRAIN = {"colin27_1mm": "ch2.nii.gz", "colin27_05mm": "ch2better.nii.gz"}
+MARGIN = 8
+
+
+def need(path: Path, how: str) -> Path:
+    if not path.is_file():
+        sys.exit(f"{path} is missing: {how}")
+    return path
+
+
+def mricron(name: str) -> nib.Nifti1Image:
+    how = "install Debian's mricron-data (apt-get install mricron-data) or set MRICRON_TEMPLATES"
+    return nib.load(need(MRICRON / name, how))
+
+
+def crop_to_foreground(image: nib.Nifti1Image) -> nib.Nifti1Image:
+    data = np.asarray(image.get_fdata(), np.float32)
+    inside = np.argwhere(data > np.percentile(data, 1) + 1e-6)
+    lo = np.maximum(inside.min(axis=0) - MARGIN, 0)
+    hi = np.minimum(inside.max(axis=0) + MARGIN + 1, data.shape)
+    affine = image.affine.copy()
+    affine[:3, 3] = image.affine[:3, :3] @ lo + image.affine[:3, 3]
+    return nib.Nifti1Image(data[tuple(slice(a, b) for a, b in zip(lo, hi))], affine)
+
+
+def heldout_sources() -> dict:
+    try:
+        from nilearn.datasets import load_mni152_template
+    except ImportError:
+        sys.exit("nilearn is missing: pip install nilearn (it ships the MNI152 template)")
+    anatomical = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+    return {
+        "mni152": load_mni152_template(resolution=1),
+        "anatomical": nib.load(need(anatomical, "reinstall nibabel (pip install --force-reinstall nibabel)")),
+        "inia19": mricron("inia19-t1-brain.nii.gz"),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    args = parser.parse_args()
+    out = Path(args.out_dir)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    (out / "heldout").mkdir(parents=True, exist_ok=True)
+    for name, file in TRAIN.items():
+        image = mricron(file)
+        image = nib.Nifti1Image(np.asarray(image.get_fdata(), np.float32), image.affine)
+        nib.save(image, out / "train" / f"{name}.nii.gz")
+        print(f"wrote {out / 'train' / name}.nii.gz: {image.shape}")
+    for name, image in heldout_sources().items():
+        image = crop_to_foreground(image)
+        nib.save(image, out / "heldout" / f"{name}.nii.gz")
+        print(f"wrote {out / 'heldout' / name}.nii.gz: {image.shape}")
+
+
+if __name__ == "__main__":
+    main()
