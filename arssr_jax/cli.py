@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from arssr_jax.errors import ArSSRError
@@ -16,8 +18,9 @@ from arssr_jax.errors import ArSSRError
 
 def _convert_torch(args) -> None:
     from arssr_jax.weights import load_torch_reference, save_model
-    from arssr_jax.weights.model_dir import describe
+    from arssr_jax.weights.model_dir import check_model_output, describe
 
+    check_model_output(args.output)  # before reading anything
     config, params = load_torch_reference(args.input, encoder=args.encoder, axis_order=args.axis_order)
     metadata = {"source": str(args.input), "converted_from": "PyTorch reference state_dict", "axis_order": args.axis_order}
     save_model(args.output, config, params, metadata)
@@ -30,6 +33,14 @@ def _upsample(args) -> None:
 
     scale = _one_or_three(args.scale, "--scale")
     voxel_size = _one_or_three(args.voxel_size, "--voxel-size")
+    for flag, value, unit in (("--chunk", args.chunk, "HR voxels"), ("--tile", args.tile, "LR voxels")):
+        if value is not None and value < 1:
+            raise ArSSRError(f"{flag} must be a positive number of {unit}, got {value}; omit it for the default")
+    if scale is not None and not args.quiet:
+        low = [s for s in (scale if isinstance(scale, tuple) else (scale,)) if 0 < s < 1]
+        if low:
+            print(f"arssr-jax upsample: note: --scale {min(low):g} is below 1, so the output is downsampled "
+                  "(fewer voxels than the input)", file=sys.stderr)
     result = upsample_nifti(
         args.input, args.output, args.model, scale=scale, voxel_size=voxel_size, like=args.like,
         volume_index=args.volume_index, normalize=not args.no_normalize, padding=args.padding,
@@ -78,6 +89,9 @@ def _export(args) -> None:
     from arssr_jax.weights import save_model
     from arssr_jax.weights.model_dir import describe
 
+    from arssr_jax.weights.model_dir import check_model_output
+
+    check_model_output(args.output)  # before reading the checkpoint
     saved = Path(args.workdir) / CONFIG_FILE
     if saved.is_file() and load_config(saved).baseline is not None:
         from arssr_jax.models.baselines import load_baseline_run, save_baseline
@@ -171,9 +185,40 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every cleanup that handles an interrupt runs
+    (temporary outputs removed, a training run checkpointed)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _install_quiet_unraisable() -> None:
+    """Drop the 'Event loop is closed' errors that tensorstore's callbacks raise, even after
+    main returns, once orbax gave up on a damaged checkpoint (that is reported in one line).
+    Installed once for the process; every other unraisable error is passed on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_arssr_quiet", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._arssr_quiet = True
+    sys.unraisablehook = hook
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    restore = []
+    if threading.current_thread() is threading.main_thread():
+        restore.append(signal.signal(signal.SIGTERM, _on_sigterm))
+    _install_quiet_unraisable()
     try:
         if args.command in ("upsample", "demo", "train"):
             enable_compilation_cache()
@@ -181,9 +226,15 @@ def main(argv=None) -> int:
     except ArSSRError as error:
         print(f"arssr-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"arssr-jax {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"arssr-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if restore:
+            signal.signal(signal.SIGTERM, restore[0])
     return 0
 
 

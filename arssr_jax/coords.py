@@ -9,6 +9,7 @@ flattened row-major.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +66,7 @@ class TargetGrid:
 
     @property
     def num_voxels(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(int(m) for m in self.shape)  # Python ints: no int64 wrap-around
 
 
 def _centred_grid(lr_shape, hr_shape, steps) -> TargetGrid:
@@ -86,6 +87,18 @@ def _per_axis(value, name) -> tuple:
     return tuple(float(v) for v in values)
 
 
+# More voxels along one axis than any volume can hold (2^31 - 1 voxels in all): refused
+# before the count is turned into an integer, so 1e308 is an error, not an overflow.
+MAX_AXIS_VOXELS = 2**31 - 1
+
+
+def _axis_count(value: float, axis: int, what: str) -> int:
+    if not value <= MAX_AXIS_VOXELS:  # also catches inf
+        raise ArSSRError(f"{what} gives {value:.3g} voxels along axis {axis}, more than any volume can hold "
+                         f"({MAX_AXIS_VOXELS:,}); use a smaller scale or a larger voxel size")
+    return max(1, int(value))
+
+
 def grid_for_scale(lr_shape, scale) -> TargetGrid:
     """int(n * s) HR voxels per axis over the LR field of view (the reference CLI's grid).
 
@@ -94,14 +107,15 @@ def grid_for_scale(lr_shape, scale) -> TargetGrid:
     """
     scales = _per_axis(scale, "scale")
     # int(n * s) as the reference, guarded against 7 * 1.1 = 7.700000000000001-style noise.
-    hr_shape = tuple(max(1, int(np.floor(n * s + 1e-9))) for n, s in zip(lr_shape, scales))
+    hr_shape = tuple(_axis_count(np.floor(n * s + 1e-9), axis, f"scale {s:g}")
+                     for axis, (n, s) in enumerate(zip(lr_shape, scales)))
     return _centred_grid(lr_shape, hr_shape, [n / m for n, m in zip(lr_shape, hr_shape)])
 
 
 def grid_for_shape(lr_shape, hr_shape) -> TargetGrid:
     """A voxel-centre grid of exactly ``hr_shape`` voxels over the LR field of view."""
-    if len(hr_shape) != 3 or any(int(m) < 1 for m in hr_shape):
-        raise ArSSRError(f"target shape must be three positive integers, got {hr_shape}")
+    if len(hr_shape) != 3 or any(int(m) < 1 or int(m) > MAX_AXIS_VOXELS for m in hr_shape):
+        raise ArSSRError(f"target shape must be three positive integers of at most {MAX_AXIS_VOXELS:,}, got {hr_shape}")
     return _centred_grid(lr_shape, hr_shape, [n / int(m) for n, m in zip(lr_shape, hr_shape)])
 
 
@@ -109,7 +123,8 @@ def grid_for_voxel_size(lr_shape, lr_voxel_size, voxel_size) -> TargetGrid:
     """Voxels of exactly ``voxel_size`` mm, round(n * spacing / size) per axis, centred on the LR field of view."""
     target = _per_axis(voxel_size, "voxel size")
     steps = [t / s for t, s in zip(target, lr_voxel_size)]
-    hr_shape = tuple(max(1, int(round(n / step))) for n, step in zip(lr_shape, steps))
+    hr_shape = tuple(_axis_count(np.round(n / step), axis, f"voxel size {t:g}")
+                     for axis, (n, step, t) in enumerate(zip(lr_shape, steps, target)))
     return _centred_grid(lr_shape, hr_shape, steps)
 
 
@@ -117,7 +132,12 @@ def grid_like(lr_affine, ref_shape, ref_affine) -> TargetGrid:
     """Decode straight onto another image's grid (any affine, oblique included)."""
     if len(ref_shape) < 3:
         raise ArSSRError(f"reference grid must be 3D, got shape {tuple(ref_shape)}")
-    index_map = np.linalg.solve(np.asarray(lr_affine, np.float64), np.asarray(ref_affine, np.float64))
+    lr_affine, ref_affine = np.asarray(lr_affine, np.float64), np.asarray(ref_affine, np.float64)
+    for what, affine in (("input", lr_affine), ("reference grid", ref_affine)):
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise ArSSRError(f"the {what}'s affine is degenerate or not finite; fix its header so every voxel "
+                             "axis has a nonzero, finite size")
+    index_map = np.linalg.solve(lr_affine, ref_affine)
     return TargetGrid(tuple(int(m) for m in ref_shape[:3]), index_map)
 
 
@@ -142,7 +162,8 @@ def grid_for_region(start, stop, scale) -> TargetGrid:
     scales = np.asarray(_per_axis(scale, "scale"))
     if np.any(stop <= start):
         raise ArSSRError(f"region stop {tuple(stop)} must exceed start {tuple(start)} on every axis")
-    hr_shape = tuple(max(1, int(round(w * s))) for w, s in zip(stop - start, scales))
+    hr_shape = tuple(_axis_count(np.round(w * s), axis, f"scale {s:g}")
+                     for axis, (w, s) in enumerate(zip(stop - start, scales)))
     index_map = np.eye(4)
     for axis in range(3):
         step = (stop[axis] - start[axis]) / hr_shape[axis]

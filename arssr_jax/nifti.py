@@ -21,9 +21,14 @@ or saved with a NIfTI-2 header, are written as NIfTI-2, which stores float64.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
+import logging
+import math
 import os
-import tempfile
+import sys
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +38,10 @@ from nibabel.nifti1 import Nifti1Header
 from nibabel.nifti2 import Nifti2Header
 from nibabel.spatialimages import SpatialImage
 
+from arssr_jax import tempfiles
 from arssr_jax.errors import ArSSRError
 
-__all__ = ["Volume", "load", "save", "check_output_path", "NIFTI_EXTENSIONS"]
+__all__ = ["Volume", "load", "load_grid", "save", "check_output_path", "NIFTI_EXTENSIONS"]
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 _NIFTI1_MAX_DIM = 32767
@@ -100,6 +106,143 @@ class Volume:
 
 # --------------------------------------------------------------------------- load
 
+# The raw voxel bytes a header may claim before its file is checked to hold them (a
+# compressed file is then decompressed once, without keeping anything, to count them).
+_STREAM_CHECK_BYTES = 64 * 2**20
+_STREAM_CHUNK = 2**20
+
+
+def _check_link(p: str, name: str) -> None:
+    """Refuse a dangling or looping symbolic link with the right words."""
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ArSSRError(f"{name}: is a symbolic link loop (a link that points back to itself); "
+                             "point it at an existing file") from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise ArSSRError(f"{name}: is a broken symbolic link (target {_name(os.path.realpath(p))} is missing); "
+                             "point it at an existing file") from None
+        raise ArSSRError(f"{name}: cannot be opened ({_one_line(e.strerror or e)}); check the path and its permissions") from None
+
+
+class _NoteOnce(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = _one_line(record.getMessage())
+        if message not in self.messages:
+            self.messages.append(message)
+
+
+@contextlib.contextmanager
+def _nibabel_notes(name: str):
+    """nibabel's header fixes (e.g. pixdim 0 set to 1) printed once, naming the file.
+
+    nibabel logs them on ``nibabel.global`` with its own handler, and again through the
+    root logger when something configured logging: twice. Collect them instead.
+    """
+    logger = logging.getLogger("nibabel.global")
+    handlers, propagate = logger.handlers[:], logger.propagate
+    note = _NoteOnce()
+    logger.handlers[:] = [note]
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+        for message in note.messages:
+            print(f"{name}: note: {message}", file=sys.stderr)
+
+
+def _size_text(shape) -> str:
+    return "x".join(str(int(n)) for n in shape)
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (OSError, ValueError):
+        return 2**63
+
+
+def _check_data_size(img, shape, dtype: np.dtype, what: str) -> None:
+    """Believe no header before its file is known to hold the data and memory to take it.
+
+    Refuses a volume that would not fit in free memory, and a file (plain or compressed)
+    that holds fewer voxel bytes than its header claims, before anything is allocated.
+    """
+    voxels = math.prod(shape[:3])
+    needed = voxels * (dtype.itemsize + 8)  # the raw bytes, the float32 result and a scaling temporary
+    available = _host_available_bytes()
+    if needed > 0.8 * available:
+        raise ArSSRError(
+            f"{what}: its header claims {_size_text(shape)} voxels, which need about {needed / 2**30:.1f} GiB to read "
+            f"but only {available / 2**30:.1f} GiB is free; crop the image first (e.g. fslroi) or use a larger machine"
+        )
+    holder = getattr(img, "file_map", {}).get("image")
+    filename = getattr(holder, "filename", None)
+    if filename is None or not os.path.isfile(filename):
+        return
+    offset = int(getattr(img.dataobj, "offset", 0) or 0)
+    claimed = offset + math.prod(shape) * dtype.itemsize
+    low = filename.lower()
+    compressed = low.endswith((".gz", ".bz2", ".zst"))
+    if not compressed:
+        size = os.path.getsize(filename)
+        if size < claimed:
+            raise ArSSRError(
+                f"{what}: is truncated: its header claims {_size_text(shape)} voxels ({claimed:,} bytes with the header) "
+                f"but the file holds {size:,} bytes; re-export or re-download it"
+            )
+        return
+    if claimed - offset <= _STREAM_CHECK_BYTES:
+        return  # small enough to read as nibabel does; a short file fails there
+    count = 0
+    try:
+        from nibabel.openers import ImageOpener
+
+        with ImageOpener(filename, "rb") as stream:
+            while count < claimed:
+                chunk = stream.read(min(_STREAM_CHUNK, claimed - count))
+                if not chunk:
+                    break
+                count += len(chunk)
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise ArSSRError(f"{what}: its compressed data is corrupt ({type(e).__name__}: {_one_line(e)}); re-export it") from None
+    if count < claimed:
+        raise ArSSRError(
+            f"{what}: is truncated: its header claims {_size_text(shape)} voxels ({claimed:,} bytes uncompressed) "
+            f"but the file holds {count:,}; re-export or re-download it"
+        )
+
+
+def _float32_overflow(img, shape, volume_index) -> tuple[int, float]:
+    """(voxels whose finite stored value is beyond float32's range, the largest magnitude)."""
+    limit = float(np.finfo(np.float32).max)
+    count, largest = 0, 0.0
+    extra = tuple(int(volume_index or 0) if n > 1 else 0 for n in shape[3:])
+    try:
+        for k in range(shape[2]):  # a slab at a time: float64 copies of one slice only
+            values = np.asarray(img.dataobj[(slice(None), slice(None), k) + extra], dtype=np.float64)
+            big = np.isfinite(values) & (np.abs(values) > limit)
+            if big.any():
+                count += int(np.count_nonzero(big))
+                largest = max(largest, float(np.abs(values[big]).max()))
+    except Exception:  # the first reading succeeded; this is only a diagnosis
+        return 0, 0.0
+    return count, largest
+
 
 def load(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
     """Read a 3D volume (or volume ``volume_index`` of a 4D series) as float32."""
@@ -107,15 +250,15 @@ def load(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
     name = _name(p)
     if not os.path.lexists(p):
         raise ArSSRError(f"{name}: no such file; check the path (and the current directory {_name(os.getcwd())})")
-    if not os.path.exists(p):
-        raise ArSSRError(f"{name}: is a broken symbolic link (target {_name(os.path.realpath(p))} is missing); point it at an existing file")
+    _check_link(p, name)
     if os.path.isdir(p):
         raise ArSSRError(f"{name}: is a directory, not a NIfTI file; give the path of a .nii or .nii.gz file inside it")
     if not os.access(p, os.R_OK):
         raise ArSSRError(f"{name}: permission denied; make the file readable (chmod u+r) or copy it somewhere readable")
 
     try:
-        img = nib.load(p)
+        with _nibabel_notes(name):
+            img = nib.load(p)
     except MemoryError:
         raise
     except Exception as e:  # ImageFileError, HeaderDataError, OSError, EOFError, gzip.BadGzipFile, ...
@@ -141,8 +284,9 @@ def load(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
     if 0 in shape:
         raise ArSSRError(f"{what}: is empty (shape {shape}); give a non-empty 3D volume")
     if 1 in shape[:3]:
+        flat = ("a single 2D slice", "a 1D line of voxels", "a single voxel")[shape[:3].count(1) - 1]
         raise ArSSRError(
-            f"{what}: is a single 2D slice (shape {shape[:3]}); ArSSR needs a 3D volume with at least 2 voxels along every axis"
+            f"{what}: is {flat} (shape {shape[:3]}); ArSSR needs a 3D volume with at least 2 voxels along every axis"
         )
     extra = [(axis, n) for axis, n in enumerate(shape[3:], start=3) if n > 1]
     if len(extra) > 1:
@@ -172,6 +316,7 @@ def load(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
             "fix the header (pixdim / sform / qform) so every voxel axis has a nonzero size"
         )
 
+    _check_data_size(img, shape, dtype, what)
     try:
         if len(shape) == 3:
             data = img.get_fdata(dtype=np.float32, caching="unchanged")
@@ -182,7 +327,8 @@ def load(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
             slicer = (slice(None),) * 3 + tuple(index if n > 1 else 0 for n in shape[3:])
             data = np.asarray(img.dataobj[slicer], dtype=np.float32)
     except MemoryError:
-        raise
+        raise ArSSRError(f"{what}: not enough memory to read its {_size_text(shape[:3])} voxels; "
+                         "free memory or crop the image first (e.g. fslroi)") from None
     except Exception as e:
         raise ArSSRError(
             f"{what}: voxel data could not be read ({type(e).__name__}: {_one_line(e)}); the file is probably truncated or corrupt, re-export it"
@@ -195,12 +341,54 @@ def load(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
     if not finite.all():
         n_nan = int(np.count_nonzero(np.isnan(data)))
         n_inf = int(data.size - np.count_nonzero(finite) - n_nan)
+        overflow, largest = _float32_overflow(img, shape, volume_index) if n_inf else (0, 0.0)
+        if overflow and overflow == n_inf and not n_nan:
+            raise ArSSRError(
+                f"{what}: {overflow} voxel(s) of {data.size} hold values beyond float32's range (up to {largest:.3g}; "
+                "float32 ends at 3.4e+38); rescale the image in float64 first (e.g. divide it by 1e30 with nibabel)"
+            )
         raise ArSSRError(
-            f"{what}: has {n_nan} NaN and {n_inf} Inf voxel(s) of {data.size}; "
-            "replace them with finite values first (e.g. fslmaths in.nii.gz -nan out.nii.gz)"
+            f"{what}: has {n_nan} NaN and {n_inf - overflow} Inf voxel(s) of {data.size}"
+            + (f" (and {overflow} beyond float32's range)" if overflow else "")
+            + "; replace them with finite values first (e.g. fslmaths in.nii.gz -nan out.nii.gz)"
         )
 
     return Volume(data=data, affine=np.array(affine, dtype=np.float64), header=img.header)
+
+
+def load_grid(path: str | os.PathLike, role: str = "--like image") -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, affine) of an image's voxel grid, from its header only (no voxel is read).
+
+    Refuses what :func:`load` refuses about the header: a missing or unreadable file, fewer
+    than 3 dimensions, an empty grid, a degenerate or non-finite affine.
+    """
+    p = os.fspath(path)
+    name = f"{role} {_name(p)}"
+    if not os.path.lexists(p):
+        raise ArSSRError(f"{name}: no such file; give the path of the image whose grid to use")
+    _check_link(p, name)
+    if os.path.isdir(p):
+        raise ArSSRError(f"{name}: is a directory; give the path of a .nii or .nii.gz file")
+    try:
+        with _nibabel_notes(name):
+            img = nib.load(p)
+    except Exception as e:
+        raise ArSSRError(f"{name}: could not be read as a NIfTI/Analyze image ({type(e).__name__}: {_one_line(e)}); "
+                         "give a valid .nii or .nii.gz file") from None
+    if not isinstance(img, SpatialImage):
+        raise ArSSRError(f"{name}: is not a voxel image with an affine; give a 3D NIfTI image")
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) < 3:
+        raise ArSSRError(f"{name}: is {len(shape)}D (shape {shape}); its grid must be 3D")
+    if 0 in shape[:3]:
+        raise ArSSRError(f"{name}: has an empty grid (shape {shape}); give an image with voxels")
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ArSSRError(
+            f"{name}: has a degenerate voxel-to-world affine {_one_line(np.array2string(np.asarray(affine)))}; "
+            "fix its header (pixdim / sform / qform) so every voxel axis has a nonzero, finite size"
+        )
+    return shape[:3], np.array(affine, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- output path
@@ -258,7 +446,8 @@ def _build_image(volume: Volume, like_header: Any) -> SpatialImage:
     data = np.asarray(volume.data, dtype=np.float32)
     affine = np.asarray(volume.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ValueError(f"cannot save a volume with a degenerate affine:\n{affine}")
+        raise ArSSRError(f"cannot save a volume with a degenerate affine {_one_line(np.array2string(affine))}; "
+                         "give every voxel axis a nonzero, finite size")
     hdr = like_header if like_header is not None else volume.header
     nifti_hdr = hdr if isinstance(hdr, Nifti1Header) else None  # Nifti2Header subclasses it
 
@@ -310,8 +499,9 @@ def save(volume: Volume, path: str | os.PathLike, like_header: Any = None) -> No
     stem = base[: len(base) - len(ext)]
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=ext, dir=parent)
-        with os.fdopen(fd, "wb") as raw:
+        tempfiles.remove_stale(parent, stem, ext)  # left by a run that was killed while writing
+        tmp = tempfiles.make_temp(parent, stem, ext)
+        with open(tmp, "wb") as raw:
             os.fchmod(raw.fileno(), 0o666 & ~_umask())
             if ext.lower().endswith(".gz"):
                 # name the member after the final file, not the temporary one; mtime 0 keeps output reproducible

@@ -8,7 +8,8 @@ by every runner onto the ground truth's grid and scored against it:
 * ``psi``, ``lpc_si``: no-reference sharpness, averaged over 2D slices in the three
   orientations (:func:`arssr_jax.metrics.slicewise`); slices are those with >= 10 %
   foreground, foreground = the ground truth above its Otsu threshold, so every model
-  is judged on the same slices. PSI needs slices of at least 32 x 32 pixels: an
+  is judged on the same slices. PSI needs slices of at least 96 x 96 pixels (the
+  original pools only inner 32 x 32 blocks, so smaller slices score 0): an
   orientation with smaller slices is left out (NaN when none is left);
 * ``dice``: tissue classes (background / CSF / GM / WM by an intensity model fitted on
   the ground truth, :func:`arssr_jax.metrics.dice`); the mean of the three classes and
@@ -45,6 +46,7 @@ METRICS = ("psnr", "ssim", "psnr_head", "ssim_head", "psi", "lpc_si", "dice", "b
 NO_REFERENCE = ("psi", "lpc_si")
 PAPER_SCALES = (2.0, 2.5, 3.0, 3.5, 4.0)
 PSI_BLOCK = 32
+PSI_MIN_SIDE = 3 * PSI_BLOCK  # PSI.m pools inner blocks only: a smaller slice always scores 0
 GROUND_TRUTH = "ground truth"
 BAND_EDGES = tuple(round(0.1 * k, 1) for k in range(11))  # the last band includes 1.0
 MIN_BAND_VOXELS = 50  # a band with fewer ground-truth voxels is not scored (NaN)
@@ -104,7 +106,7 @@ def check_metrics(names, real: bool = False) -> tuple:
 
 
 def _psi_axes(shape) -> tuple:
-    return tuple(a for a in range(3) if min(n for i, n in enumerate(shape) if i != a) >= PSI_BLOCK)
+    return tuple(a for a in range(3) if min(n for i, n in enumerate(shape) if i != a) >= PSI_MIN_SIDE)
 
 
 def no_reference_scores(volume, mask, metrics) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -39,9 +40,14 @@ class ModelConfig:
     def __post_init__(self):
         options = self.encoder_options
         items = options.items() if isinstance(options, dict) else options
-        object.__setattr__(self, "encoder_options", tuple(sorted((str(k), v) for k, v in items)))
-        if self.encoder not in ENCODERS:
+        try:
+            pairs = [(str(k), v) for k, v in items]
+        except (TypeError, ValueError):
+            raise ValueError(f"encoder_options must map option names to values, got {options!r:.80}") from None
+        object.__setattr__(self, "encoder_options", tuple(sorted(pairs, key=lambda kv: kv[0])))
+        if not isinstance(self.encoder, str) or self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {sorted(ENCODERS)}")
+        _check_sizes(self)
         if self.padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}, got {self.padding!r}")
         if self.compute_dtype not in DTYPES:
@@ -73,6 +79,36 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# Sizes a config may ask for: beyond these a config is damaged or hostile (a model of
+# 10^6 blocks would take hours to build before anything could be checked).
+_MAX_WIDTH = 65536  # feature_dim, decoder_width, num_features, growth
+_MAX_COUNT = 256  # decoder_depth, num_blocks, num_layers, convs_per_block
+
+
+def _check_size(name: str, value, most: int, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not least <= value <= most:
+        raise ValueError(f"{name} must be an integer from {least} to {most}, got {value!r:.40}")
+    return int(value)
+
+
+def _check_sizes(config: "ModelConfig") -> None:
+    """Types and ranges of the sizes (ValueError naming the field); numpy integers become ints."""
+    for field, least in (("feature_dim", 1), ("decoder_width", 1), ("decoder_depth", 4)):
+        most = _MAX_COUNT if field == "decoder_depth" else _MAX_WIDTH
+        object.__setattr__(config, field, _check_size(field, getattr(config, field), most, least))
+    if config.decoder_depth % 2:
+        raise ValueError(f"decoder_depth must be even (two stages of equal depth), got {config.decoder_depth}")
+    encoder = ENCODERS[config.encoder]
+    known = sorted(f for f in encoder.__dataclass_fields__ if f not in ("parent", "name", "feature_dim", "dtype"))
+    options = []
+    for key, value in config.encoder_options:
+        if key not in known:
+            raise ValueError(f"unknown {config.encoder} encoder option {key!r}; known options: {', '.join(known)}")
+        most = _MAX_WIDTH if key in ("num_features", "growth") else _MAX_COUNT
+        options.append((key, _check_size(f"encoder option {key}", value, most)))
+    object.__setattr__(config, "encoder_options", tuple(options))
 
 
 class ArSSR(nn.Module):

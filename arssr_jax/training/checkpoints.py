@@ -18,6 +18,7 @@ of an ArSSR run, which is how ``--model WORKDIR`` loads a training run.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional, Tuple
@@ -33,7 +34,43 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "val_l1"
 
 # orbax logs every save at INFO/WARNING through absl; keep the console for our progress bar.
-logging.getLogger("absl").setLevel(logging.ERROR)
+# It also logs damage it tolerates at ERROR (an unreadable _CHECKPOINT_METADATA); damage
+# that matters raises, and is reported below in one line.
+logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+# JSON files of a checkpoint step folder that must parse (when present; "state/_METADATA"
+# must be present), checked to name a damaged checkpoint without orbax's tracebacks.
+# (orbax itself tolerates an unreadable _CHECKPOINT_METADATA, so it is not checked).
+_JSON_FILES = ("metrics/metrics", "data/metadata", "state/_METADATA")
+_REQUIRED = ("state/_METADATA", "state/manifest.ocdbt")
+
+
+def find_damage(step_dir: Path) -> Optional[str]:
+    """What is visibly wrong with one checkpoint folder (a missing or unparsable metadata
+    file), or None. Damage inside the array data only shows when it is read."""
+    for name in _REQUIRED:
+        if not (step_dir / name).is_file():
+            return f"{name} is missing"
+    for name in _JSON_FILES:
+        path = step_dir / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                return f"{name} is unreadable: {type(error).__name__}"
+    return None
+
+
+def _step_dirs(directory: Path) -> list:
+    try:
+        return sorted((p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    except OSError:
+        return []
+
+
+def _detail(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:160]}" if text else type(error).__name__
 
 
 class CheckpointStore:
@@ -56,7 +93,31 @@ class CheckpointStore:
             read_only=read_only,
             create=not read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+        self.workdir = Path(workdir)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+        except ArSSRError:
+            raise
+        except Exception as error:  # orbax reads every step's metadata and metrics here
+            raise self._damaged(None, error) from None
+
+    def _damaged(self, step: Optional[int], error: BaseException) -> ArSSRError:
+        """The one-line error for a checkpoint that cannot be read (``step`` None: find it)."""
+        found = None
+        for step_dir in _step_dirs(self.directory):
+            if step is None or int(step_dir.name) == int(step):
+                what = find_damage(step_dir)
+                if what is not None or step is not None:
+                    found = (step_dir, what or _detail(error))
+                    break
+        if found is None:
+            return ArSSRError(f"the checkpoints in {self.directory} cannot be read ({_detail(error)}); "
+                              "remove the damaged step folder under it, or use a new --workdir")
+        step_dir, what = found
+        earlier = [p for p in _step_dirs(self.directory) if int(p.name) < int(step_dir.name)]
+        fallback = f"checkpoint {earlier[-1].name}" if earlier else "the start (no earlier checkpoint)"
+        return ArSSRError(f"checkpoint {step_dir.name} in {self.workdir} is damaged ({what}); delete {step_dir} "
+                          f"to fall back to {fallback}, or use another workdir")
 
     # -- queries -----------------------------------------------------------------
     def all_steps(self) -> list:
@@ -73,7 +134,10 @@ class CheckpointStore:
         return min(with_metrics, key=lambda s: (self.metrics(s)[BEST_METRIC], -s))
 
     def metrics(self, step: int) -> Optional[dict]:
-        return self.manager.metrics(step)
+        try:
+            return self.manager.metrics(step)
+        except Exception as error:
+            raise self._damaged(step, error) from None
 
     # -- save / restore ------------------------------------------------------------
     def save(self, step: int, state: TrainState, data_state: Optional[dict] = None,
@@ -89,13 +153,25 @@ class CheckpointStore:
     def restore(self, step: int, target: TrainState) -> Tuple[TrainState, dict]:
         """(state, data iterator state) of checkpoint ``step``, shaped like ``target``."""
         abstract = to_host(target.to_dict())
+        damage = find_damage(self.directory / str(int(step)))
+        if damage is not None:
+            raise self._damaged(step, ValueError(damage))
         try:
             restored = self.manager.restore(int(step), args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as error:
+            data = restored["data"]
+            if data is not None and not isinstance(data, dict):
+                raise ValueError(f"the data iterator state is a {type(data).__name__}, not an object")
+        except Exception as error:
+            try:  # readable without this run's template: the run differs; unreadable: damaged
+                self.restore_raw(step)
+            except ArSSRError:
+                raise
+            except Exception:
+                raise self._damaged(step, error) from None
             raise ArSSRError(f"checkpoint {self.directory / str(step)} does not fit this run's model/optimiser "
-                             f"({str(error).splitlines()[0][:200]}); resume with the config it was made with") from None
-        return TrainState.from_dict(restored["state"]), dict(restored["data"] or {})
+                             f"({_detail(error)}); resume with the config it was made with") from None
+        return TrainState.from_dict(restored["state"]), dict(data or {})
 
     def restore_raw(self, step: int) -> dict:
         """``{"state": nested dicts/lists of numpy arrays, "data": dict}`` without a template."""
@@ -105,10 +181,17 @@ class CheckpointStore:
 
     def restore_params(self, step: int) -> dict:
         """Only the model parameters of checkpoint ``step`` (numpy, as saved)."""
-        restored = self.manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        return _numpy_tree(restored["state"]["params"])
+        damage = find_damage(self.directory / str(int(step)))
+        if damage is not None:
+            raise self._damaged(step, ValueError(damage))
+        try:
+            restored = self.manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            return _numpy_tree(restored["state"]["params"])
+        except Exception as error:
+            raise self._damaged(step, error) from None
 
     def close(self) -> None:
+        self.manager.wait_until_finished()  # no orbax thread may outlive the store (it would fail at exit)
         self.manager.close()
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from flax import serialization
 
+from arssr_jax import tempfiles
 from arssr_jax.errors import ArSSRError
 from arssr_jax.models import ArSSR, ModelConfig, build_model, count_params, init_params
 
@@ -39,27 +39,55 @@ def write_model_files(directory, document: dict, params) -> Path:
     """``config.json`` (``document``) + ``params.msgpack`` written to a temporary sibling
     folder, then renamed into place: an interrupted save never leaves a half-written model."""
     directory = Path(directory)
+    check_model_output(directory)
     parent = directory.parent if str(directory.parent) else Path(".")
-    if not parent.is_dir():
-        raise ArSSRError(f"cannot write model to {directory}: folder {parent} does not exist; create it first")
-    if directory.exists() and not (directory / CONFIG_FILE).exists() and any(directory.iterdir()):
-        raise ArSSRError(f"{directory} exists and is not a model directory; choose an empty or new path")
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
+    _recover(directory, parent)
+    staging = None
     try:
+        staging = Path(tempfiles.make_temp(parent, directory.name, directory=True))
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model folder is not
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         (staging / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(params))
         if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=parent))
+            old = Path(tempfiles.make_temp(parent, directory.name, directory=True, kind="old"))
             os.replace(directory, old / "model")
             os.replace(staging, directory)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    except OSError as error:
+        raise ArSSRError(f"cannot write model to {directory} ({error.strerror or error}); check free disk space "
+                         "and permissions, or choose another path") from None
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def check_model_output(directory) -> None:
+    """Refuse a model output path that cannot be written, before any expensive work."""
+    directory = Path(directory)
+    parent = directory.parent if str(directory.parent) else Path(".")
+    if not parent.is_dir():
+        raise ArSSRError(f"cannot write model to {directory}: folder {parent} does not exist; create it first")
+    if directory.exists() and not directory.is_dir():
+        raise ArSSRError(f"cannot write model to {directory}: it is an existing file; a model is a folder, "
+                         "give a new folder name (or remove the file)")
+    if directory.is_dir() and not (directory / CONFIG_FILE).exists() and any(directory.iterdir()):
+        raise ArSSRError(f"{directory} exists and is not a model directory; choose an empty or new path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArSSRError(f"cannot write model to {directory}: folder {parent} is not writable; choose another path")
+
+
+def _recover(directory: Path, parent: Path) -> None:
+    """Undo what a killed save left: a model moved aside but not yet replaced goes back;
+    stale staging and set-aside folders are removed."""
+    if not directory.exists():
+        for old in tempfiles.stale_temps(parent, directory.name, kind="old"):
+            if (Path(old) / "model" / CONFIG_FILE).is_file():
+                os.replace(Path(old) / "model", directory)
+                break
+    tempfiles.remove_stale(parent, directory.name, kinds=("tmp", "old"))
 
 
 def _umask() -> int:
@@ -82,15 +110,20 @@ def read_model_dir(directory) -> tuple[ModelConfig, dict, dict]:
         raise ArSSRError(f"{directory} is not a model directory (needs {CONFIG_FILE} and {PARAMS_FILE})")
     try:
         document = json.loads(config_path.read_text())
+        if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
+            raise ValueError('expected a JSON object with a "model" object')
         config = ModelConfig.from_dict(document["model"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise ArSSRError(f"{config_path} is not a valid model config ({error}); re-create the model directory")
+    except (ValueError, KeyError, TypeError, OSError, RecursionError) as error:
+        detail = " ".join(str(error).split())[:200]
+        raise ArSSRError(f"{config_path} is not a valid model config ({detail}); re-create the model directory "
+                         "(arssr-jax export or convert-torch)") from None
     try:
         params = serialization.msgpack_restore(params_path.read_bytes())
     except Exception as error:  # msgpack raises several unrelated types
         raise ArSSRError(f"{params_path} is damaged ({type(error).__name__}); re-create the model directory")
     check_params(config, params, str(directory))
-    return config, params, document.get("metadata", {})
+    metadata = document.get("metadata", {})
+    return config, params, metadata if isinstance(metadata, dict) else {}
 
 
 def check_params(config: ModelConfig, params, source: str) -> None:
@@ -105,6 +138,19 @@ def check_params(config: ModelConfig, params, source: str) -> None:
         wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
         detail = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {have[wrong[0]]}, expected {want[wrong[0]]}" if wrong else f"unexpected {sorted(set(have) - set(want))[0]}"
         raise ArSSRError(f"parameters in {source} do not fit its config ({detail}); the model files are inconsistent")
+    check_finite(params, source)
+
+
+def check_finite(params, source: str) -> None:
+    """Raise ArSSRError naming the first parameter that holds NaN or Inf (it would make every output NaN)."""
+    import jax
+
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        values = np.asarray(leaf)
+        if values.dtype.kind in "fc" and not np.all(np.isfinite(values)):
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            raise ArSSRError(f"parameters in {source}: {jax.tree_util.keystr(path)} holds {bad} NaN/Inf value(s); "
+                             "the weights are damaged, use another model or re-create this one")
 
 
 def available_models() -> list[str]:

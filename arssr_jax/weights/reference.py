@@ -12,6 +12,7 @@ input and stage-one output, so that ``ours(v) == transpose(reference(transpose(v
 
 from __future__ import annotations
 
+import collections
 import re
 
 import jax
@@ -67,44 +68,92 @@ def _count(keys, pattern) -> int:
     return len({int(m[1]) for k in keys if (m := re.match(pattern, k))})
 
 
+def _vote(state: dict, rules) -> int | None:
+    """The size most tensors agree on: shape[dim] + add over every tensor whose key matches
+    one of ``rules`` (pattern, dim, add); ties go to the earliest rule. A single damaged
+    tensor is then outvoted, and the shape check names it rather than its neighbours."""
+    values = []
+    for pattern, dim, add in rules:
+        for key in sorted(state):
+            shape = np.shape(state[key])
+            if re.fullmatch(pattern, key) and len(shape) > dim:
+                values.append(int(shape[dim]) + add)
+    if not values:
+        return None
+    counts = collections.Counter(values)
+    most = max(counts.values())
+    return next(v for v in values if counts[v] == most)
+
+
+def _decoder_rules(depth: int):
+    """(feature_dim rules, width rules) of the decoder's layers."""
+    last = 2 * (depth // 2 - 1)
+    features = [(r"decoder\.stage_(one|two)\.0\.weight", 1, -3), (rf"decoder\.stage_one\.{last}\.(weight|bias)", 0, -3)]
+    hidden = "|".join(str(2 * i) for i in range(depth // 2 - 1)) or "none"
+    inner = "|".join(str(2 * i) for i in range(1, depth // 2)) or "none"
+    width = [(rf"decoder\.stage_(one|two)\.({hidden})\.(weight|bias)", 0, 0),
+             (rf"decoder\.stage_(one|two)\.({inner})\.weight", 1, 0)]
+    return features, width
+
+
 def infer_config(state: dict, encoder: str, source: str = "state_dict") -> ModelConfig:
-    """Model sizes read off the tensor shapes, so non-default reference models load too."""
+    """Model sizes read off the tensor shapes, so non-default reference models load too.
+
+    Each size is the value most of the tensors that carry it agree on (see :func:`_vote`).
+    """
     keys = list(state)
     first = state.get("decoder.stage_one.0.weight")
-    if first is None or first.ndim != 2:
+    if first is None or np.ndim(first) != 2:
         raise ArSSRError(f"{source} does not match an ArSSR reference model: missing 'decoder.stage_one.0.weight'")
-    feature_dim, width = first.shape[1] - 3, first.shape[0]
     depth = 2 * len([k for k in keys if re.fullmatch(r"decoder\.stage_one\.\d+\.weight", k)])
+    feature_rules, width_rules = _decoder_rules(depth)
     options: dict = {}
     try:
         if encoder == "RDN":
+            state["encoder.sfe1.weight"], state["encoder.rdbs.0.layers.0.conv.weight"]  # noqa: B018 - required
+            out = [(r"encoder\.output\.(weight|bias)", 0, 0)]
             options = {
-                "num_features": state["encoder.sfe1.weight"].shape[0],
-                "growth": state["encoder.rdbs.0.layers.0.conv.weight"].shape[0],
+                "num_features": _vote(state, [(r"encoder\.(sfe1|sfe2|gff\.0|gff\.1)\.(weight|bias)", 0, 0),
+                                              (r"encoder\.(sfe2|gff\.1|output)\.weight", 1, 0),
+                                              (r"encoder\.rdbs\.\d+\.lff\.(weight|bias)", 0, 0),
+                                              (r"encoder\.rdbs\.\d+\.layers\.0\.conv\.weight", 1, 0)]),
+                "growth": _vote(state, [(r"encoder\.rdbs\.\d+\.layers\.\d+\.conv\.(weight|bias)", 0, 0)]),
                 "num_blocks": _count(keys, r"encoder\.rdbs\.(\d+)\."),
                 "num_layers": _count(keys, r"encoder\.rdbs\.0\.layers\.(\d+)\."),
             }
         elif encoder == "ResCNN":
+            state["encoder.conv_start.0.weight"]  # noqa: B018 - required
+            out = [(r"encoder\.conv_end\.0\.(weight|bias)", 0, 0)]
             options = {
-                "num_features": state["encoder.conv_start.0.weight"].shape[0],
+                "num_features": _vote(state, [(r"encoder\.(conv_start\.0|block\d+\.\d+)\.(weight|bias)", 0, 0),
+                                              (r"encoder\.(block\d+\.\d+|conv_end\.0)\.weight", 1, 0)]),
                 "num_blocks": _count(keys, r"encoder\.block(\d+)\."),
                 "convs_per_block": len([k for k in keys if re.fullmatch(r"encoder\.block1\.\d+\.weight", k)]),
             }
         else:
+            state["encoder.features.0.0.weight"]  # noqa: B018 - required
+            blocks = _count(keys, r"encoder\.features\.(\d+)\.m\.")
+            out = [(rf"encoder\.features\.{blocks + 2}\.0\.(weight|bias)", 0, 0)]
             options = {
-                "num_features": state["encoder.features.0.0.weight"].shape[0],
-                "num_blocks": _count(keys, r"encoder\.features\.(\d+)\.m\."),
+                "num_features": _vote(state, [(rf"encoder\.features\.(0|\d+\.m\.\d|{blocks + 1})\.0\.(weight|bias)", 0, 0),
+                                              (rf"encoder\.features\.(\d+\.m\.\d|{blocks + 1}|{blocks + 2})\.0\.weight", 1, 0)]),
+                "num_blocks": blocks,
             }
     except KeyError as missing:
         raise ArSSRError(f"{source} does not match a {encoder} reference model: missing {missing}") from None
+    feature_dim = _vote(state, feature_rules + out)
+    width = _vote(state, width_rules) or int(first.shape[0])
     defaults = ModelConfig(encoder=encoder)
     default_options = {k: v for k, v in options.items() if v != _encoder_default(encoder, k)}
-    return defaults.replace(
-        feature_dim=int(feature_dim),
-        decoder_width=int(width),
-        decoder_depth=int(depth),
-        encoder_options={k: int(v) for k, v in default_options.items()},
-    )
+    try:
+        return defaults.replace(
+            feature_dim=int(feature_dim),
+            decoder_width=int(width),
+            decoder_depth=int(depth),
+            encoder_options={k: int(v) for k, v in default_options.items()},
+        )
+    except (TypeError, ValueError) as error:
+        raise ArSSRError(f"{source} does not describe a valid {encoder} reference model ({error})") from None
 
 
 def _encoder_default(encoder: str, option: str):
@@ -176,16 +225,36 @@ def convert_state_dict(state: dict, encoder: str = "RDN", axis_order: str = "nib
     params: dict = {}
     nibabel = axis_order == "nibabel"
     flax_shapes = dict(_flatten(shapes))
+    wrong = [key for key, path in expected.items()
+             if tuple(np.shape(state[key])) != _torch_shape(tuple(flax_shapes[path].shape))]
+    if wrong:
+        key = wrong[0]
+        others = f" (and {len(wrong) - 1} other tensors)" if len(wrong) > 1 else ""
+        raise ArSSRError(
+            f"{source}: {key} has shape {tuple(np.shape(state[key]))} but the other tensors make this a {encoder} model "
+            f"that needs {_torch_shape(tuple(flax_shapes[expected[key]].shape))} there{others}; "
+            "the file is damaged or not a reference ArSSR state_dict (check --encoder)"
+        )
     for key, path in expected.items():
-        array = _to_flax(np.asarray(state[key]), path, config, nibabel)
-        want = tuple(flax_shapes[path].shape)
-        if array.shape != want:
-            raise ArSSRError(
-                f"{source}: {key} has shape {tuple(state[key].shape)}, which does not fit a {encoder} model "
-                f"(expected the Flax shape {want}); check --encoder and the model sizes"
-            )
-        _set(params, path, array)
+        value = np.asarray(state[key])
+        if value.dtype.kind not in "biuf":
+            raise ArSSRError(f"{source}: {key} has {value.dtype} values, not real numbers; it is not a reference "
+                             "ArSSR state_dict")
+        if not np.all(np.isfinite(value)):
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            raise ArSSRError(f"{source}: {key} holds {bad} NaN/Inf value(s); the weights are damaged, "
+                             "re-download or re-save them")
+        _set(params, path, _to_flax(value, path, config, nibabel))
     return config, params
+
+
+def _torch_shape(flax_shape: tuple) -> tuple:
+    """The reference's layout of a Flax parameter shape (inverse of :func:`_to_flax`)."""
+    if len(flax_shape) == 5:  # (kD, kH, kW, in, out) -> (out, in, kD, kH, kW)
+        return (flax_shape[4], flax_shape[3], *flax_shape[:3])
+    if len(flax_shape) == 2:  # (in, out) -> (out, in)
+        return flax_shape[::-1]
+    return flax_shape
 
 
 def load_torch_reference(path, encoder: str = "RDN", axis_order: str = "nibabel"):

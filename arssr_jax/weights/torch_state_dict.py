@@ -18,7 +18,9 @@ bfloat16 tensors are returned as float32 (exact: bfloat16 is the top half of flo
 from __future__ import annotations
 
 import collections
+import functools
 import io
+import math
 import os
 import pickle
 import zipfile
@@ -34,6 +36,17 @@ _RESAVE_HINT = (
     "only the zip format of torch>=1.6 is supported; re-save a legacy file with "
     "torch.save(torch.load(old_path), new_path)"
 )
+
+# Every size the file states is checked against what an ArSSR state_dict can need before
+# anything of that size is read or allocated. The reference's largest tensor (an RDN dense
+# layer, 64 x 192 x 3^3) holds 331,776 elements and its whole state_dict about 25 MB; the
+# bounds leave room for much larger configurations. The pickle of a state_dict is a few KB
+# (names and shapes); unpickling can make a few hundred bytes of objects per byte, so it is
+# kept small.
+MAX_PICKLE_BYTES = 2**20
+MAX_TENSOR_ELEMENTS = 2**24
+MAX_TOTAL_BYTES = 2**28  # storages read plus tensors built
+MAX_NDIM = 8
 
 
 # --------------------------------------------------------------------------- storages
@@ -101,16 +114,38 @@ def _is_int_tuple(value: Any) -> bool:
     )
 
 
-def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> _Tensor:
+class _TooLarge(Exception):
+    """Internal: the file states a size beyond what an ArSSR state_dict can need."""
+
+
+class _Budget:
+    """Bytes read or built so far, against MAX_TOTAL_BYTES."""
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def take(self, nbytes: int, what: str) -> None:
+        if nbytes > MAX_TOTAL_BYTES - self.used:
+            raise _TooLarge(f"{what} would bring the data read to {(self.used + nbytes) / 2**20:,.0f} MiB, beyond the "
+                            f"{MAX_TOTAL_BYTES // 2**20} MiB any ArSSR state_dict needs")
+        self.used += nbytes
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, budget: _Budget | None = None) -> _Tensor:
     if not isinstance(storage, _Storage):
         raise _CorruptError("a tensor refers to something that is not a storage")
     if not (isinstance(storage_offset, int) and _is_int_tuple(size) and _is_int_tuple(stride)):
         raise _CorruptError("a tensor has a malformed offset/size/stride")
-    if len(size) != len(stride) or storage_offset < 0:
+    if len(size) != len(stride) or storage_offset < 0 or len(size) > MAX_NDIM:
         raise _CorruptError("a tensor has a malformed offset/size/stride")
     if any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise _CorruptError("a tensor has a negative size or stride")
+    if any(s > MAX_TENSOR_ELEMENTS for s in size) or math.prod(size) > MAX_TENSOR_ELEMENTS:
+        raise _TooLarge(f"a tensor of shape {tuple(size)!s:.100} has more than the {MAX_TENSOR_ELEMENTS:,} elements "
+                        "any ArSSR tensor can need")
     flat = storage.array
+    if budget is not None:
+        budget.take(math.prod(size) * flat.itemsize, f"a tensor of shape {tuple(size)}")
     if any(s == 0 for s in size):
         return _Tensor(np.zeros(size, dtype=flat.dtype))
     last = storage_offset + sum((n - 1) * st for n, st in zip(size, stride))
@@ -137,8 +172,9 @@ def _rebuild_tensor_v2(
     requires_grad: Any = False,
     backward_hooks: Any = None,
     metadata: Any = None,
+    budget: _Budget | None = None,
 ) -> _Tensor:
-    return _rebuild_tensor(storage, storage_offset, size, stride)
+    return _rebuild_tensor(storage, storage_offset, size, stride, budget=budget)
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> _Tensor:
@@ -175,18 +211,22 @@ class _ForbiddenGlobal(Exception):
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, big_endian: bool):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, big_endian: bool, budget: _Budget):
         super().__init__(io.BytesIO(data))
         self._archive = archive
         self._prefix = prefix
         self._big_endian = big_endian
         self._storages: dict[str, _Storage] = {}
+        self._budget = budget
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
+            found = _ALLOWED_GLOBALS[(module, name)]
         except (KeyError, TypeError):
             raise _ForbiddenGlobal(f"{module}.{name}") from None
+        if found in (_rebuild_tensor, _rebuild_tensor_v2):
+            return functools.partial(found, budget=self._budget)
+        return found
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -200,17 +240,21 @@ class _SafeUnpickler(pickle.Unpickler):
         if cached is not None:
             return cached
         member = f"{self._prefix}data/{key}"
-        try:
-            raw = self._archive.read(member)
-        except KeyError:
-            raise _CorruptError(f"storage record {member!r} is missing") from None
         dtype = stype.dtype
         if dtype.itemsize > 1:
             dtype = dtype.newbyteorder(">" if self._big_endian else "<")
-        if len(raw) < numel * dtype.itemsize:
-            raise _CorruptError(
-                f"storage {member!r} holds {len(raw)} bytes but {numel} x {dtype.itemsize} are needed"
-            )
+        need = numel * dtype.itemsize
+        self._budget.take(need, f"storage {member!r} ({numel:,} elements)")
+        try:
+            info = self._archive.getinfo(member)
+        except KeyError:
+            raise _CorruptError(f"storage record {member!r} is missing") from None
+        if info.file_size < need:
+            raise _CorruptError(f"storage {member!r} holds {info.file_size} bytes but {numel} x {dtype.itemsize} are needed")
+        with self._archive.open(info) as stream:  # exactly the bytes needed, however much the record inflates to
+            raw = stream.read(need)
+        if len(raw) < need:
+            raise _CorruptError(f"storage {member!r} holds {len(raw)} bytes but {numel} x {dtype.itemsize} are needed")
         arr = np.frombuffer(raw, dtype=dtype, count=numel)
         if stype.bfloat16:
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
@@ -263,15 +307,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{where}: zip archive has no data.pkl, so it is not a torch.save file; "
                 "re-save the weights with torch.save(model.state_dict(), path)"
             )
+        budget = _Budget()
         try:
             big_endian = False
             if f"{prefix}byteorder" in archive.namelist():
-                order = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+                order = _read_small(archive, f"{prefix}byteorder", 64).decode("ascii", "replace").strip()
                 if order not in ("little", "big"):
                     raise _CorruptError(f"unknown byteorder record {order!r:.20}")
                 big_endian = order == "big"
-            data = archive.read(f"{prefix}data.pkl")
-            obj = _SafeUnpickler(data, archive, prefix, big_endian).load()
+            data = _read_small(archive, f"{prefix}data.pkl", MAX_PICKLE_BYTES)
+            obj = _SafeUnpickler(data, archive, prefix, big_endian, budget).load()
+            if isinstance(obj, dict):  # the copies _to_state_dict makes count too
+                for value in obj.values():
+                    if isinstance(value, _Tensor):
+                        budget.take(value.array.nbytes, "the state_dict's tensors")
+        except _TooLarge as exc:
+            raise ArSSRError(
+                f"{where}: refused: {_one_line(str(exc))}; the file is damaged or not an ArSSR state_dict"
+            ) from None
         except _ForbiddenGlobal as exc:
             raise ArSSRError(
                 f"{where}: the pickle asks for the forbidden global '{exc.qualname}'; "
@@ -292,6 +345,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             ) from None
 
     return _to_state_dict(where, obj)
+
+
+def _read_small(archive: zipfile.ZipFile, member: str, limit: int) -> bytes:
+    """A member's bytes, refused (before reading) when its size is beyond ``limit``."""
+    info = archive.getinfo(member)
+    if info.file_size > limit:
+        raise _TooLarge(f"{member} unpacks to {info.file_size:,} bytes; a state_dict's needs at most {limit:,}")
+    with archive.open(info) as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:  # pragma: no cover - zipfile stops at the stated size
+        raise _TooLarge(f"{member} unpacks to more than {limit:,} bytes")
+    return data
 
 
 def _one_line(text: str, limit: int = 160) -> str:
