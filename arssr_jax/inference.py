@@ -168,6 +168,8 @@ def encode_volume(model: ArSSR, params, volume, tile=None, max_tile_bytes=None, 
         core = choose_tile_core(shape, halo, max(1, budget // activation_bytes_per_voxel(config)))
     else:
         core = (int(tile),) * 3 if np.ndim(tile) == 0 else tuple(int(t) for t in tile)
+        if len(core) != 3 or min(core) < 1:
+            raise ArSSRError(f"--tile must be a positive number of LR voxels (or three), got {tile}")
     tiles = plan_tiles(shape, core, halo)
     features = np.empty(shape + (config.encoded_channels,), np.float32)
     volume = np.asarray(volume, np.float32)
@@ -323,11 +325,7 @@ def upsample(
     99.5th percentiles to 0 and 1 (:class:`arssr_jax.intensity.Normalisation`, the rule the
     training volumes get) and restore its scale on output (off: intensities are fed as they are).
     """
-    volume = np.asarray(volume)
-    if volume.ndim != 3:
-        raise ArSSRError(f"upsample takes a 3D volume, got shape {volume.shape}")
-    if not np.all(np.isfinite(volume)):
-        raise ArSSRError(f"the input volume has {int(np.sum(~np.isfinite(volume)))} NaN/Inf voxels; fix or mask them")
+    volume = _checked_input(volume)
     grid = target_grid(volume.shape, scale=scale, shape=shape, voxel_size=voxel_size, lr_voxel_size=lr_voxel_size, grid=grid)
     module, params = resolve_model(model, padding)
     check_fits_in_memory(volume.shape, grid, module.config)
@@ -335,7 +333,42 @@ def upsample(
     lr = norm.apply(volume) if norm else np.asarray(volume, np.float32)
     features = encode_volume(module, params, lr, tile=tile, progress=progress)
     hr = decode_grid(module, params, features, grid, chunk=chunk, progress=progress)
-    return norm.undo(hr) if norm else hr
+    hr = norm.undo(hr) if norm else hr
+    if not np.all(np.isfinite(hr)):
+        bad = int(hr.size - np.count_nonzero(np.isfinite(hr)))
+        raise ArSSRError(f"the model produced {bad} NaN/Inf voxel(s) of {hr.size}; nothing was written: check the "
+                         "model's weights, and that the input's intensities are in the range it was trained on")
+    return hr
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _checked_input(volume) -> np.ndarray:
+    """The API's input as a real 3D array, or an ArSSRError naming what is wrong with it."""
+    try:
+        volume = np.asarray(volume)
+    except (TypeError, ValueError) as error:  # ragged nested lists and the like
+        raise ArSSRError(f"upsample takes a 3D array of numbers; this input is not one ({error})") from None
+    if volume.dtype.kind == "c":
+        raise ArSSRError(f"the input volume is complex ({volume.dtype}); pass its magnitude (np.abs) or real part")
+    if volume.dtype.kind not in "biuf":
+        raise ArSSRError(f"the input volume has dtype {volume.dtype}, not real numbers; pass a numeric array "
+                         "(e.g. np.asarray(volume, np.float32))")
+    if volume.ndim != 3:
+        raise ArSSRError(f"upsample takes a 3D volume, got shape {volume.shape}")
+    if volume.size == 0:
+        raise ArSSRError(f"the input volume is empty (shape {volume.shape}); give a volume with voxels")
+    if volume.dtype.kind == "f":
+        finite = np.isfinite(volume)
+        if not finite.all():
+            raise ArSSRError(f"the input volume has {int(volume.size - np.count_nonzero(finite))} NaN/Inf voxels; "
+                             "fix or mask them")
+        largest = float(np.max(np.abs(volume)))
+        if largest > _FLOAT32_MAX:
+            raise ArSSRError(f"the input volume has values up to {largest:.3g}, beyond float32's range (3.4e+38); "
+                             "rescale it (e.g. divide by its maximum) first")
+    return volume
 
 
 def upsample_nifti(
@@ -369,8 +402,8 @@ def upsample_nifti(
         raise ArSSRError(f"output {out_path} is the --like image; write to another path")
     lr = nifti.load(in_path, volume_index=volume_index)
     if like is not None:
-        reference = _load_grid_of(like)
-        grid = grids.grid_like(lr.affine, reference.shape, reference.affine)
+        like_shape, like_affine = nifti.load_grid(like)  # checked before any work
+        grid = grids.grid_like(lr.affine, like_shape, like_affine)
     elif scale is not None:
         grid = grids.grid_for_scale(lr.shape, scale)
     else:
@@ -381,24 +414,3 @@ def upsample_nifti(
     result = nifti.Volume(hr, grid.affine(lr.affine), lr.header)
     nifti.save(result, out_path, like_header=lr.header)
     return result
-
-
-def _load_grid_of(path):
-    """Shape and affine of an image without reading its voxels."""
-    import nibabel as nib
-
-    if not os.path.isfile(path):
-        raise ArSSRError(f"--like image {path} does not exist; give the path of the image whose grid to use")
-    try:
-        image = nib.load(path)
-    except Exception as error:
-        raise ArSSRError(f"--like image {path} is not a readable NIfTI ({type(error).__name__})") from None
-    if len(image.shape) < 3:
-        raise ArSSRError(f"--like image {path} is {len(image.shape)}D; it needs a 3D grid")
-    return _Grid(tuple(image.shape[:3]), image.affine)
-
-
-@dataclass(frozen=True)
-class _Grid:
-    shape: tuple
-    affine: np.ndarray

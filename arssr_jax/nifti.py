@@ -202,7 +202,7 @@ def _check_data_size(img, shape, dtype: np.dtype, what: str) -> None:
         size = os.path.getsize(filename)
         if size < claimed:
             raise ArSSRError(
-                f"{what}: is truncated: its header claims {_size_text(shape)} voxels ({claimed:,} bytes with the header) "
+                f"{what}: is truncated or corrupt: its header claims {_size_text(shape)} voxels ({claimed:,} bytes with the header) "
                 f"but the file holds {size:,} bytes; re-export or re-download it"
             )
         return
@@ -222,7 +222,7 @@ def _check_data_size(img, shape, dtype: np.dtype, what: str) -> None:
         raise ArSSRError(f"{what}: its compressed data is corrupt ({type(e).__name__}: {_one_line(e)}); re-export it") from None
     if count < claimed:
         raise ArSSRError(
-            f"{what}: is truncated: its header claims {_size_text(shape)} voxels ({claimed:,} bytes uncompressed) "
+            f"{what}: is truncated or corrupt: its header claims {_size_text(shape)} voxels ({claimed:,} bytes uncompressed) "
             f"but the file holds {count:,}; re-export or re-download it"
         )
 
@@ -429,19 +429,6 @@ def check_output_path(out_path: str | os.PathLike, in_path: str | os.PathLike | 
 # --------------------------------------------------------------------------- save
 
 
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
 def _build_image(volume: Volume, like_header: Any) -> SpatialImage:
     data = np.asarray(volume.data, dtype=np.float32)
     affine = np.asarray(volume.affine, dtype=np.float64)
@@ -502,7 +489,7 @@ def save(volume: Volume, path: str | os.PathLike, like_header: Any = None) -> No
         tempfiles.remove_stale(parent, stem, ext)  # left by a run that was killed while writing
         tmp = tempfiles.make_temp(parent, stem, ext)
         with open(tmp, "wb") as raw:
-            os.fchmod(raw.fileno(), 0o666 & ~_umask())
+            os.fchmod(raw.fileno(), 0o666 & ~tempfiles.umask())
             if ext.lower().endswith(".gz"):
                 # name the member after the final file, not the temporary one; mtime 0 keeps output reproducible
                 with gzip.GzipFile(filename=base[:-3], mode="wb", fileobj=raw, compresslevel=_GZIP_LEVEL, mtime=0) as gz:

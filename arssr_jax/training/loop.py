@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,11 +25,13 @@ from typing import Optional
 import jax
 
 from arssr_jax.data import load_volumes, make_train_iterator, validation_samples
+from arssr_jax.data.volumes import check_patch_fits
 from arssr_jax.errors import ArSSRError
 from arssr_jax.models import count_params
 from arssr_jax.training import parallel
 from arssr_jax.training.checkpoints import CheckpointStore
 from arssr_jax.training.config import CONFIG_FILE, TrainConfig, config_differences, load_config, save_config
+from arssr_jax.training.lock import WorkdirLock
 from arssr_jax.training.state import create_train_state, make_optimizer
 from arssr_jax.training.step import make_train_step
 from arssr_jax.training.tasks import make_task
@@ -81,8 +84,9 @@ def _by_scale(metrics: dict) -> str:
     return ", ".join(f"x{k} {v:.2f}" for k, v in metrics.get("val_psnr_by_scale", {}).items())
 
 
-def prepare_workdir(config: TrainConfig, workdir) -> Path:
-    """Create the workdir; refuse one that holds a run with a different config."""
+def check_workdir(config: TrainConfig, workdir) -> Path:
+    """Refuse, without writing anything, a workdir that cannot hold this run: a file, one
+    holding a run with a different config, checkpoints without a config."""
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ArSSRError(f"--workdir {workdir} is a file; give a directory")
@@ -90,18 +94,49 @@ def prepare_workdir(config: TrainConfig, workdir) -> Path:
     if saved_path.is_file():
         saved = load_config(saved_path)
         diffs = config_differences(saved, config)
-        if diffs:
+        if diffs and _has_checkpoints(workdir):
             raise ArSSRError(f"{workdir} holds a run with a different config ({', '.join(diffs[:4])}); "
                              f"resume it with --config {saved_path} or choose a new --workdir")
-    elif workdir.is_dir() and (workdir / "checkpoints").exists():
+    elif _has_checkpoints(workdir):
         raise ArSSRError(f"{workdir} has checkpoints but no {CONFIG_FILE}; choose a new --workdir")
+    parent = workdir.absolute().parent
+    if not workdir.exists() and parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ArSSRError(f"cannot create --workdir {workdir}: {parent} is not writable; choose another folder")
+    return workdir
+
+
+def _has_checkpoints(workdir: Path) -> bool:
+    """Whether any checkpoint step was written (a config alone, from a run that stopped
+    before its first checkpoint, holds nothing to resume: a new config may replace it)."""
+    folder = workdir / "checkpoints"
+    if not folder.is_dir():
+        return folder.exists()
+    return any(p.name.isdigit() for p in folder.iterdir())
+
+
+def prepare_workdir(config: TrainConfig, workdir, lock: bool = True):
+    """Create the workdir, take its lock (main process) and save the config.
+
+    Returns ``(workdir, lock)``; release the lock when the run ends. Refuses a workdir
+    that holds a run with a different config, and one another run holds.
+    """
+    workdir = check_workdir(config, workdir)
+    held = None
     if parallel.is_main_process():
         try:
             workdir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ArSSRError(f"cannot create --workdir {workdir} ({error.strerror})") from None
-        save_config(config, workdir)
-    return workdir
+        if lock:
+            held = WorkdirLock(workdir).acquire()
+        try:
+            check_workdir(config, workdir)  # again, now that no other run can change it
+            save_config(config, workdir)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
+    return workdir, held
 
 
 def build_validator(config: TrainConfig, task, train_volumes, val_volumes=None):
@@ -129,29 +164,31 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
     per_device = parallel.device_batch(config.data.batch_size)
     if volumes is None and not config.data.paths:
         raise ArSSRError("no training data: pass --data (a folder or list file of HR NIfTI volumes)")
+    check_workdir(config, workdir)
+    # Everything that can be refused is checked before the workdir is touched, so a refused
+    # run leaves nothing behind (a half-made workdir would then refuse every other config).
     train_volumes = load_volumes(volumes if volumes is not None else config.data.paths)
-    workdir = prepare_workdir(config, workdir)
-
+    check_patch_fits(train_volumes, config.data.patch_size)
     steps_per_epoch = config.data.steps_per_epoch(len(train_volumes))
     total = config.total_steps(steps_per_epoch)
     eval_every = config.eval_every_steps(steps_per_epoch)
     task = make_task(config)
+    validator = build_validator(config, task, train_volumes, val_volumes)
     tx, schedule = make_optimizer(config.optim, steps_per_epoch)
     state = create_train_state(task.init_params, tx, config.seed)
 
-    store = CheckpointStore(workdir, keep_last=config.keep_last)
-    start = store.latest_step() or 0
-    data_state = None
-    if start:
-        state, data_state = store.restore(start, state)
-        if int(state.step) != start or int(data_state.get("step", start)) != start:
-            raise ArSSRError(f"checkpoint {start} in {workdir} is inconsistent (state step {int(state.step)}, "
-                             f"data step {data_state.get('step')}); remove it to resume from an earlier one")
-
-    log = RunLog(workdir, enabled=main, quiet=quiet)
-    iterator = None
+    workdir, lock = prepare_workdir(config, workdir)
+    store = log = iterator = None
     try:
-        validator = build_validator(config, task, train_volumes, val_volumes)
+        store = CheckpointStore(workdir, keep_last=config.keep_last)
+        start = store.latest_step() or 0
+        data_state = None
+        if start:
+            state, data_state = store.restore(start, state)
+            if int(state.step) != start or int(data_state.get("step", start)) != start:
+                raise ArSSRError(f"checkpoint {start} in {workdir} is inconsistent (state step {int(state.step)}, "
+                                 f"data step {data_state.get('step')}); remove it to resume from an earlier one")
+        log = RunLog(workdir, enabled=main, quiet=quiet)
         interpolation = validator.interpolation()
         interp_name = validator.interpolation_name
         iterator = make_train_iterator(config.data, train_volumes, start_step=start)
@@ -180,8 +217,12 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
     finally:
         if iterator is not None:
             iterator.close()
-        log.close()
-        store.close()
+        if log is not None:
+            log.close()
+        if store is not None:
+            store.close()
+        if lock is not None:
+            lock.release()
 
 
 def _run(config, task, tx, schedule, state, iterator, validator, store, log, *, start, total, eval_every,

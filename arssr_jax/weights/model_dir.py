@@ -45,7 +45,7 @@ def write_model_files(directory, document: dict, params) -> Path:
     staging = None
     try:
         staging = Path(tempfiles.make_temp(parent, directory.name, directory=True))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model folder is not
+        tempfiles.publish_mode(staging, directory=True)  # mkdtemp makes it private; a model folder is not
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         (staging / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(params))
         if directory.exists():
@@ -88,12 +88,6 @@ def _recover(directory: Path, parent: Path) -> None:
                 os.replace(Path(old) / "model", directory)
                 break
     tempfiles.remove_stale(parent, directory.name, kinds=("tmp", "old"))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _to_numpy(tree):
