@@ -1,8 +1,9 @@
 """Write the default model's training volumes and the held-out evaluation volumes.
 
-Training source (one subject, a head with skull and scalp):
-  Colin 27 from Debian's ``mricron-data`` (``/usr/share/mricron/templates``):
-  ``ch2.nii.gz`` (1 mm) and ``ch2better.nii.gz`` (0.5 mm)  ->  OUT/train/
+Training source (one subject):
+  Colin 27 from Debian's ``mricron-data`` (``/usr/share/mricron/templates``): the head with
+  skull and scalp, ``ch2.nii.gz`` (1 mm) and ``ch2better.nii.gz`` (0.5 mm), and its
+  skull-stripped brain ``ch2bet.nii.gz`` (1 mm)  ->  OUT/train/
 
 Held-out sources (never used for training or for choosing a checkpoint):
   mni152   nilearn's MNI152 2009 T1 template, 1 mm, brain only (an average of 152 brains)
@@ -27,7 +28,7 @@ import nibabel as nib
 import numpy as np
 
 MRICRON = Path(os.environ.get("MRICRON_TEMPLATES", "/usr/share/mricron/templates"))
-TRAIN = {"colin27_1mm": "ch2.nii.gz", "colin27_05mm": "ch2better.nii.gz"}
+TRAIN = {"colin27_1mm": "ch2.nii.gz", "colin27_05mm": "ch2better.nii.gz", "colin27_brain_1mm": "ch2bet.nii.gz"}
 MARGIN = 8
 
 

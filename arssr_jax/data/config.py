@@ -39,7 +39,9 @@ class AugmentConfig:
                      patch, before degradation: the target is as noisy as a real scan,
                      so the model learns not to sharpen noise, and sees noisy
                      backgrounds instead of exact zeros.
-    hot_voxels:      probability of 1-4 HR voxels set to U(1.5, 3) (spikes, vessels).
+    bright_spots:    probability of adding 1-6 small bright blobs to the HR patch (Gaussian,
+                     sigma U(0.7, 2.5) HR voxels, peak U(0.3, 2)): vessels, fat, lesions,
+                     intensities above the training volumes' range.
     clip_lr:         probability of clipping the LR at 0, as a magnitude image is.
     """
 
@@ -51,13 +53,13 @@ class AugmentConfig:
     noise_std: float = 0.0
     contrast: float = 0.0
     rician_noise: float = 0.0
-    hot_voxels: float = 0.0
+    bright_spots: float = 0.0
     clip_lr: float = 0.0
 
     @property
     def any_hr(self) -> bool:
         return bool(self.flip or self.permute or self.gamma or self.intensity_scale
-                    or self.bias_field or self.contrast or self.rician_noise or self.hot_voxels)
+                    or self.bias_field or self.contrast or self.rician_noise or self.bright_spots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +200,7 @@ class DataConfig:
         for field in ("gamma", "intensity_scale", "bias_field", "noise_std", "rician_noise"):
             if getattr(a, field) < 0:
                 raise ArSSRError(f"AugmentConfig.{field}={getattr(a, field)!r}: must be >= 0")
-        for field in ("contrast", "hot_voxels", "clip_lr"):
+        for field in ("contrast", "bright_spots", "clip_lr"):
             if not 0.0 <= getattr(a, field) <= 1.0:
                 raise ArSSRError(f"AugmentConfig.{field}={getattr(a, field)!r}: a probability, "
                                  "must lie in [0, 1]")

@@ -96,9 +96,21 @@ def rician(hr: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray
     return np.sqrt(real * real + imaginary * imaginary)
 
 
+def bright_spots(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``hr`` plus 1-6 Gaussian blobs (sigma U(0.7, 2.5) voxels, peak U(0.3, 2)) at random places."""
+    axes = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in hr.shape], indexing="ij", sparse=True)
+    out = hr.copy()
+    for _ in range(int(rng.integers(1, 7))):
+        centre = rng.uniform(0, np.asarray(hr.shape) - 1)
+        sigma, peak = rng.uniform(0.7, 2.5), rng.uniform(0.3, 2.0)
+        squared = sum((a - c) ** 2 for a, c in zip(axes, centre))
+        out = out + peak * np.exp(-squared / (2 * sigma * sigma))
+    return out
+
+
 def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
     """Apply the enabled HR augmentations in this order: flip, permute, contrast, gamma,
-    scale, bias field, Rician noise, hot voxels."""
+    scale, bias field, bright spots, Rician noise."""
     if aug.flip:
         flips = rng.random(3) < 0.5
         hr = hr[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
@@ -113,11 +125,10 @@ def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> 
         hr = hr * rng.uniform(1.0 - aug.intensity_scale, 1.0 + aug.intensity_scale)
     if aug.bias_field:
         hr = hr * _bias_field(hr.shape, aug.bias_field, rng)
+    if aug.bright_spots and rng.random() < aug.bright_spots:
+        hr = bright_spots(hr, rng)
     if aug.rician_noise:
         hr = rician(hr, rng.uniform(0.0, aug.rician_noise), rng)
-    if aug.hot_voxels and rng.random() < aug.hot_voxels:
-        count = int(rng.integers(1, 5))
-        hr.reshape(-1)[rng.choice(hr.size, size=count, replace=False)] = rng.uniform(1.5, 3.0, size=count)
     return hr.astype(np.float32)
 
 

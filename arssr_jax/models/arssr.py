@@ -115,13 +115,13 @@ class ArSSR(nn.Module):
     """Volumes (N, X, Y, Z, 1) in [0, 1]; coordinates (N, K, 3) in the [-1, 1] cube.
 
     ``residual="none"`` (the reference): intensity = decoder(feature, coordinate), ReLU'd.
-    ``residual="tricubic"``: intensity = tricubic(p) + range(p) * decoder(feature, coordinate),
+    ``residual="tricubic"``: intensity = tricubic(p) + range(p) * tanh(decoder(feature, coordinate)),
     where tricubic(p) is the input's cubic B-spline interpolant at p (equal to scipy's),
     range(p) the trilinearly sampled 3^3 max - min of the input, and the decoder has no
     final ReLU. The model starts from interpolation (a zero last layer gives exactly
     tricubic), cannot erase what the input shows, adds nothing where the input is flat,
-    and its correction scales with the local contrast, so it follows the input's
-    intensity scale.
+    never moves a value by more than the local contrast, and its correction scales with
+    that contrast, so it follows the input's intensity scale.
     """
 
     config: ModelConfig = ModelConfig()
@@ -151,7 +151,7 @@ class ArSSR(nn.Module):
             return out
         base = sample_cubic_batched(features[..., f], coords)[..., None]
         contrast = sample_features_batched(features[..., f + 1 :], coords, "border")
-        return base + contrast * out
+        return base + contrast * jnp.tanh(out)
 
     def __call__(self, volume, coords):
         return self.decode(self.encode(volume), coords)
