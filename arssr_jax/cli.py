@@ -195,8 +195,14 @@ def _on_sigterm(signum, frame):
 
 
 def _install_quiet_unraisable() -> None:
-    """Drop the 'Event loop is closed' errors that tensorstore's callbacks raise, even after
-    main returns, once orbax gave up on a damaged checkpoint (that is reported in one line).
+    """Handle the errors Python can only print ("Exception ignored in ..."):
+
+    * an interrupt (Ctrl-C, SIGTERM) that landed in a garbage-collection callback or a
+      finaliser, where Python drops it: the signal is sent again, so the interrupt is not
+      lost (the run would otherwise go on) and lands in ordinary code;
+    * the 'Event loop is closed' errors that tensorstore's callbacks raise, even after
+      main returns, once orbax gave up on a damaged checkpoint (reported in one line).
+
     Installed once for the process; every other unraisable error is passed on."""
     previous = sys.unraisablehook
     if getattr(previous, "_arssr_quiet", False):
@@ -204,6 +210,9 @@ def _install_quiet_unraisable() -> None:
 
     def hook(unraisable):
         error = unraisable.exc_value
+        if isinstance(error, KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT)
+            return
         if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
             return
         previous(unraisable)

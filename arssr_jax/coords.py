@@ -122,9 +122,10 @@ def grid_for_shape(lr_shape, hr_shape) -> TargetGrid:
 def grid_for_voxel_size(lr_shape, lr_voxel_size, voxel_size) -> TargetGrid:
     """Voxels of exactly ``voxel_size`` mm, round(n * spacing / size) per axis, centred on the LR field of view."""
     target = _per_axis(voxel_size, "voxel size")
-    steps = [t / s for t, s in zip(target, lr_voxel_size)]
-    hr_shape = tuple(_axis_count(np.round(n / step), axis, f"voxel size {t:g}")
-                     for axis, (n, step, t) in enumerate(zip(lr_shape, steps, target)))
+    with np.errstate(over="ignore", divide="ignore"):  # an absurd size gives inf voxels: refused below
+        steps = [t / s for t, s in zip(target, lr_voxel_size)]
+        counts = [np.round(n / step) for n, step in zip(lr_shape, steps)]
+    hr_shape = tuple(_axis_count(count, axis, f"voxel size {t:g}") for axis, (count, t) in enumerate(zip(counts, target)))
     return _centred_grid(lr_shape, hr_shape, steps)
 
 

@@ -6,7 +6,11 @@
   NaN/Inf voxels, complex or RGB data, a degenerate affine).
 * :func:`save` writes float32 NIfTI with the sform and the qform both set to the
   volume's affine, via a temporary file in the output directory and an atomic
-  ``os.replace``.
+  ``os.replace``; temporaries of the same output left by a killed run are removed
+  (:mod:`arssr_jax.tempfiles`).
+* No header is believed before its file is known to hold the voxels it claims and
+  free memory to take them (compressed files are counted while decompressing, nothing
+  kept), so a small file claiming 5000^3 voxels costs nothing.
 * :func:`check_output_path` validates an output path before any expensive work.
 
 Every user-facing problem is raised as :class:`~arssr_jax.errors.ArSSRError`
@@ -223,7 +227,7 @@ def _check_data_size(img, shape, dtype: np.dtype, what: str) -> None:
     if count < claimed:
         raise ArSSRError(
             f"{what}: is truncated or corrupt: its header claims {_size_text(shape)} voxels ({claimed:,} bytes uncompressed) "
-            f"but the file holds {count:,}; re-export or re-download it"
+            f"but the file unpacks to {count:,} bytes; re-export or re-download it"
         )
 
 
@@ -318,14 +322,8 @@ def load(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
 
     _check_data_size(img, shape, dtype, what)
     try:
-        if len(shape) == 3:
-            data = img.get_fdata(dtype=np.float32, caching="unchanged")
-        elif n_vols == 1 and volume_index in (None, 0) and len(shape) > 3:
-            data = img.get_fdata(dtype=np.float32, caching="unchanged").reshape(shape[:3])
-        else:
-            index = int(volume_index or 0)
-            slicer = (slice(None),) * 3 + tuple(index if n > 1 else 0 for n in shape[3:])
-            data = np.asarray(img.dataobj[slicer], dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become Inf: reported below
+            data = _read_voxels(img, shape, n_vols, volume_index)
     except MemoryError:
         raise ArSSRError(f"{what}: not enough memory to read its {_size_text(shape[:3])} voxels; "
                          "free memory or crop the image first (e.g. fslroi)") from None
@@ -336,7 +334,20 @@ def load(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
     data = np.ascontiguousarray(data, dtype=np.float32)
     if data.shape != shape[:3]:  # pragma: no cover - defensive
         raise ArSSRError(f"{what}: read data of shape {data.shape}, expected {shape[:3]}; the file is corrupt, re-export it")
+    return _finite_volume(img, data, shape, volume_index, what)
 
+
+def _read_voxels(img, shape, n_vols, volume_index) -> np.ndarray:
+    if len(shape) == 3:
+        return img.get_fdata(dtype=np.float32, caching="unchanged")
+    if n_vols == 1 and volume_index in (None, 0):
+        return img.get_fdata(dtype=np.float32, caching="unchanged").reshape(shape[:3])
+    index = int(volume_index or 0)
+    slicer = (slice(None),) * 3 + tuple(index if n > 1 else 0 for n in shape[3:])
+    return np.asarray(img.dataobj[slicer], dtype=np.float32)
+
+
+def _finite_volume(img, data, shape, volume_index, what) -> Volume:
     finite = np.isfinite(data)
     if not finite.all():
         n_nan = int(np.count_nonzero(np.isnan(data)))
@@ -352,8 +363,7 @@ def load(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
             + (f" (and {overflow} beyond float32's range)" if overflow else "")
             + "; replace them with finite values first (e.g. fslmaths in.nii.gz -nan out.nii.gz)"
         )
-
-    return Volume(data=data, affine=np.array(affine, dtype=np.float64), header=img.header)
+    return Volume(data=data, affine=np.array(img.affine, dtype=np.float64), header=img.header)
 
 
 def load_grid(path: str | os.PathLike, role: str = "--like image") -> tuple[tuple[int, int, int], np.ndarray]:

@@ -80,14 +80,25 @@ def check_model_output(directory) -> None:
 
 
 def _recover(directory: Path, parent: Path) -> None:
-    """Undo what a killed save left: a model moved aside but not yet replaced goes back;
+    """Undo what a killed save left: a model set aside but not yet replaced goes back;
     stale staging and set-aside folders are removed."""
-    if not directory.exists():
-        for old in tempfiles.stale_temps(parent, directory.name, kind="old"):
-            if (Path(old) / "model" / CONFIG_FILE).is_file():
-                os.replace(Path(old) / "model", directory)
-                break
+    _restore_set_aside(directory, parent)
     tempfiles.remove_stale(parent, directory.name, kinds=("tmp", "old"))
+
+
+def _restore_set_aside(directory: Path, parent: Path) -> None:
+    """A save replaces a model in two renames (old aside, new in); killed between them, the
+    old model waits in ``.NAME.old-*/model``: move it back."""
+    if directory.exists():
+        return
+    for old in tempfiles.stale_temps(parent, directory.name, kind="old"):
+        if (Path(old) / "model" / CONFIG_FILE).is_file():
+            try:
+                os.replace(Path(old) / "model", directory)
+            except OSError:
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+            return
 
 
 def _to_numpy(tree):
@@ -158,6 +169,8 @@ def load_model(spec=None) -> tuple[ArSSR, dict, ModelConfig]:
     """(model, params, config) from a model directory, training workdir or shipped name."""
     spec = DEFAULT_MODEL if spec is None else spec
     path = Path(spec)
+    if not path.exists() and path.parent.is_dir() and os.access(path.parent, os.W_OK):
+        _restore_set_aside(path, path.parent)  # a save killed between its two renames
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         config, params, _ = read_model_dir(path)
     elif path.is_dir() and _is_training_workdir(path):
