@@ -264,3 +264,15 @@ def test_shipped_model_beats_tricubic_on_a_real_scan_it_never_saw():
             assert error <= 1.1 * cubic_bands[band], band
     dark = hr < 0.1  # the darkest tissue and background keep their intensity on average
     assert abs(float(np.mean(ours[dark] - hr[dark]))) < 0.01
+
+
+def test_new_data_options_round_trip_through_the_saved_training_config():
+    import json
+
+    from arssr_jax.training.config import TrainConfig
+
+    config = TrainConfig(model=TINY_RESIDUAL, data=DataConfig(
+        augment=AugmentConfig(contrast=0.4, rician_noise=0.04, bright_spots=0.2, clip_lr=0.5)), init_output=0.0)
+    again = TrainConfig.from_dict(json.loads(config.to_json()))
+    assert again == config
+    assert again.model.residual == "tricubic" and again.data.augment.bright_spots == 0.2

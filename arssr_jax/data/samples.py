@@ -67,11 +67,23 @@ def choose_patch_start(volume: np.ndarray, region: Sequence[int], rng: np.random
     return best
 
 
-def _bias_field(shape, strength: float, rng: np.random.Generator) -> np.ndarray:
+def _random_quadratic(shape, rng: np.random.Generator) -> np.ndarray:
+    """A random quadratic polynomial of the normalised patch coordinates, no constant term."""
     axes = [index_to_normalised(np.arange(n, dtype=np.float64), n) for n in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij")
     terms = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
-    f = sum(c * t for c, t in zip(rng.uniform(-1.0, 1.0, size=len(terms)), terms))
+    return sum(c * t for c, t in zip(rng.uniform(-1.0, 1.0, size=len(terms)), terms))
+
+
+def mask_cut(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``hr`` set to 0 where a random quadratic surface crossing the patch says "outside"."""
+    f = _random_quadratic(hr.shape, rng)
+    level = np.quantile(f, rng.uniform(0.2, 0.8))  # 20-80 % of the patch is cut away
+    return np.where(f > level, hr, 0.0)
+
+
+def _bias_field(shape, strength: float, rng: np.random.Generator) -> np.ndarray:
+    f = _random_quadratic(shape, rng)
     f = f - f.mean()
     peak = np.abs(f).max()
     if peak > 0:
@@ -110,7 +122,7 @@ def bright_spots(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
     """Apply the enabled HR augmentations in this order: flip, permute, contrast, gamma,
-    scale, bias field, bright spots, Rician noise."""
+    scale, bias field, bright spots, Rician noise, mask cut."""
     if aug.flip:
         flips = rng.random(3) < 0.5
         hr = hr[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
@@ -129,6 +141,8 @@ def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> 
         hr = bright_spots(hr, rng)
     if aug.rician_noise:
         hr = rician(hr, rng.uniform(0.0, aug.rician_noise), rng)
+    if aug.mask_cut and rng.random() < aug.mask_cut:
+        hr = mask_cut(hr, rng)
     return hr.astype(np.float32)
 
 

@@ -94,6 +94,9 @@ class BaselineConfig:
     options: dict = dataclasses.field(default_factory=dict)
 
 
+LOSSES = ("l1", "l2")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; ``train_config.json`` in the workdir is this, as JSON.
@@ -107,6 +110,9 @@ class TrainConfig:
     keep_last:      recent checkpoints kept, besides the best by validation L1.
     baseline:       None trains ArSSR (``model``); a :class:`BaselineConfig` trains that
                     fixed-scale CNN instead (``model`` is then unused).
+    loss:           ArSSR's training loss over the K predictions: "l1" (mean absolute
+                    error, the reference) or "l2" (mean squared error: the conditional mean,
+                    more cautious where the input is ambiguous).
     init_output:    None keeps the model's initialisation; a value v zeroes the decoder's
                     last layer's weights and sets its bias to v, so training starts from
                     the prediction v everywhere with the final ReLU active. (With random
@@ -127,6 +133,7 @@ class TrainConfig:
     keep_last: int = 3
     init_output: Optional[float] = None
     baseline: Optional[BaselineConfig] = None
+    loss: str = "l1"
 
     # -- derived quantities ----------------------------------------------------
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -159,6 +166,8 @@ class TrainConfig:
         elif self.data.task != "arssr":
             raise ArSSRError(f"data.task={self.data.task!r} but no baseline is set; set data.task='arssr' "
                              "or give a baseline (e.g. arssr-jax train --baseline SRCNN3D --scale 2)")
+        if self.loss not in LOSSES:
+            raise ArSSRError(f"loss={self.loss!r}: use one of {LOSSES}")
         self.data.validate()
         o = self.optim
         if not (o.learning_rate > 0):

@@ -28,15 +28,23 @@ def l1_loss(pred, values):
     return jnp.mean(jnp.abs(pred.astype(jnp.float32) - values.astype(jnp.float32)))
 
 
-def arssr_loss(model: ArSSR) -> Callable:
-    """Mean L1 of the model's predictions at the batch's coordinates."""
+def l2_loss(pred, values):
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - values.astype(jnp.float32)))
+
+
+LOSS_FUNCTIONS = {"l1": l1_loss, "l2": l2_loss}
+
+
+def arssr_loss(model: ArSSR, loss: str = "l1") -> Callable:
+    """Mean L1 (or L2) of the model's predictions at the batch's coordinates."""
 
     block = default_decode_block()
+    error = LOSS_FUNCTIONS[loss]
 
     def loss_fn(params, batch):
         features = encode(model, params, batch["lr"])
         pred = decode_in_blocks(model, params, features, batch["coords"], block)
-        return l1_loss(pred, batch["values"])
+        return error(pred, batch["values"])
 
     return loss_fn
 

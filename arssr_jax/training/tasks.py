@@ -25,6 +25,7 @@ class ArSSRTask:
     lr_shape: tuple
     init_output: Optional[float] = None
     description: str = ""
+    loss_name: str = "l1"
     checks_dead_output = True  # a closed final ReLU gives a zero first gradient
 
     def init_params(self, key):
@@ -33,7 +34,7 @@ class ArSSRTask:
 
     @property
     def loss(self) -> Callable:
-        return arssr_loss(self.model)
+        return arssr_loss(self.model, self.loss_name)
 
     def validator(self, samples, chunk: int) -> Validator:
         return Validator(self.model, samples, chunk=chunk)
@@ -67,7 +68,7 @@ def make_task(config: TrainConfig):
     """The task of a (validated) config."""
     if config.baseline is None:
         return ArSSRTask(build_model(config.model), (config.data.lr_size,) * 3, config.init_output,
-                         description=config.model.encoder)
+                         description=config.model.encoder, loss_name=config.loss)
     from arssr_jax.models.baselines import build_baseline
 
     module = build_baseline(config.baseline.name, config.baseline.options)
