@@ -276,3 +276,28 @@ def test_new_data_options_round_trip_through_the_saved_training_config():
     again = TrainConfig.from_dict(json.loads(config.to_json()))
     assert again == config
     assert again.model.residual == "tricubic" and again.data.augment.bright_spots == 0.2
+
+
+def test_mask_cut_zeroes_one_side_of_a_curved_surface():
+    from arssr_jax.data.samples import mask_cut
+
+    hr = np.random.default_rng(14).random((20, 20, 20)) + 0.5
+    cut = mask_cut(hr, np.random.default_rng(15))
+    kept = cut > 0
+    assert 0.15 < kept.mean() < 0.85
+    np.testing.assert_array_equal(cut[kept], hr[kept])
+
+
+def test_l2_training_loss_is_the_mean_squared_error():
+    from arssr_jax.models import predict
+    from arssr_jax.training.step import arssr_loss
+
+    model, params = _zero_output_model()
+    rng = np.random.default_rng(16)
+    batch = {"lr": jnp.asarray(rng.random((2, 6, 6, 6, 1)), jnp.float32),
+             "coords": jnp.asarray(rng.uniform(-1, 1, (2, 30, 3)), jnp.float32),
+             "values": jnp.asarray(rng.random((2, 30, 1)), jnp.float32)}
+    pred = np.asarray(predict(model, params, batch["lr"], batch["coords"]))
+    error = pred - np.asarray(batch["values"])
+    assert float(arssr_loss(model, "l2")(params, batch)) == pytest.approx(np.mean(error ** 2), rel=1e-5)
+    assert float(arssr_loss(model, "l1")(params, batch)) == pytest.approx(np.mean(np.abs(error)), rel=1e-5)
