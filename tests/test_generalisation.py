@@ -174,7 +174,7 @@ def test_new_augmentations_are_deterministic_finite_and_change_the_patch():
                 min_foreground=0.0)
     plain = DataConfig(**base)
     everything = DataConfig(**base, augment=AugmentConfig(contrast=1.0, rician_noise=0.05, bright_spots=1.0,
-                                                          clip_lr=1.0))
+                                                          blur=1.0, mask_cut=1.0, clip_lr=1.0))
     hr0, lr0, _ = make_patch(volume, plain, np.random.default_rng(1))
     hr1, lr1, _ = make_patch(volume, everything, np.random.default_rng(1))
     hr2, lr2, _ = make_patch(volume, everything, np.random.default_rng(1))
@@ -276,6 +276,15 @@ def test_new_data_options_round_trip_through_the_saved_training_config():
     again = TrainConfig.from_dict(json.loads(config.to_json()))
     assert again == config
     assert again.model.residual == "tricubic" and again.data.augment.bright_spots == 0.2
+
+
+def test_blur_smooths_the_hr_patch():
+    volume = normalise_volume(np.random.default_rng(17).random((30, 30, 30)), "v")
+    base = dict(patch_size=24, lr_size=6, scale_min=3.0, scale_max=3.0, samples_per_step=64, min_foreground=0.0)
+    sharp, _, _ = make_patch(volume, DataConfig(**base), np.random.default_rng(2))
+    smooth, _, _ = make_patch(volume, DataConfig(**base, augment=AugmentConfig(blur=1.0)), np.random.default_rng(2))
+    assert np.std(np.diff(smooth, axis=0)) < 0.7 * np.std(np.diff(sharp, axis=0))
+    assert abs(smooth.mean() - sharp.mean()) < 0.02
 
 
 def test_mask_cut_zeroes_one_side_of_a_curved_surface():

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from arssr_jax.coords import index_to_normalised, make_grid
 from arssr_jax.data.config import AugmentConfig, DataConfig
@@ -122,7 +123,7 @@ def bright_spots(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
     """Apply the enabled HR augmentations in this order: flip, permute, contrast, gamma,
-    scale, bias field, bright spots, Rician noise, mask cut."""
+    scale, bias field, bright spots, blur, Rician noise, mask cut."""
     if aug.flip:
         flips = rng.random(3) < 0.5
         hr = hr[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
@@ -139,6 +140,8 @@ def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> 
         hr = hr * _bias_field(hr.shape, aug.bias_field, rng)
     if aug.bright_spots and rng.random() < aug.bright_spots:
         hr = bright_spots(hr, rng)
+    if aug.blur and rng.random() < aug.blur:
+        hr = ndimage.gaussian_filter(hr, rng.uniform(0.3, 1.5), mode="reflect")
     if aug.rician_noise:
         hr = rician(hr, rng.uniform(0.0, aug.rician_noise), rng)
     if aug.mask_cut and rng.random() < aug.mask_cut:
