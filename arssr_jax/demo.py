@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 
-from arssr_jax import tempfiles
 from arssr_jax.errors import ArSSRError
 
 SCALE = 2.0
@@ -50,7 +49,6 @@ def run_demo(out_dir=".", model=None, progress=True, log=print) -> dict:
         "ArSSR": result.data,
     }
     slices_figure(FigureCase(volume="anatomical.nii (2 mm T1)", scale=SCALE, lr=lr, outputs=outputs), figure_path)
-    tempfiles.publish_mode(figure_path)  # written via a private temporary file: same mode as the NIfTI
     seconds = time.perf_counter() - start
     log(f"input  {source}: {' x '.join(map(str, lr.shape))} voxels of 2 mm")
     log(f"wrote  {nifti_path}: {' x '.join(map(str, result.shape))} voxels of "

@@ -641,3 +641,21 @@ def test_8_demo_png_gets_the_same_mode_as_the_nifti(tmp_path, tiny_dir):
         os.umask(previous)
     modes = {Path(result[k]).name: Path(result[k]).stat().st_mode & 0o777 for k in ("nifti", "figure")}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_8_evaluation_tables_and_figures_get_a_plain_files_mode(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from arssr_jax.evaluation.figures import _save
+    from arssr_jax.evaluation.tables import write_atomic
+
+    previous = os.umask(0o022)
+    try:
+        table = write_atomic(tmp_path / "results.md", "| a |\n")
+        figure = _save(plt.figure(), tmp_path / "figure.png")
+    finally:
+        os.umask(previous)
+    assert {p.stat().st_mode & 0o777 for p in (table, figure)} == {0o644}

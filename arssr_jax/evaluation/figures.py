@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from arssr_jax.evaluation.protocol import GROUND_TRUTH, FigureCase
+from arssr_jax.tempfiles import publish_mode
 
 VIEWS = ("axis 0 (sagittal)", "axis 1 (coronal)", "axis 2 (axial)")
 
@@ -40,6 +41,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        publish_mode(tmp)  # mkstemp made it private; the figure gets a plain file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from arssr_jax.evaluation.protocol import GROUND_TRUTH, Results
+from arssr_jax.tempfiles import publish_mode
 
 HEADINGS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_head": "PSNR head (dB)", "ssim_head": "SSIM head",
             "psi": "PSI", "lpc_si": "LPC-SI", "dice": "Dice"}
@@ -190,6 +191,7 @@ def write_atomic(path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        publish_mode(tmp)  # mkstemp made it private; the table gets a plain file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
