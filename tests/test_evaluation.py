@@ -192,3 +192,29 @@ def test_tables_show_mean_and_std_over_volumes():
     rows = tables.aggregate(results)
     assert rows[0]["psnr"] == 31.0 and rows[0]["psnr_std"] == pytest.approx(np.sqrt(2.0))
     assert "| ×2 | tricubic | 31.00 ± 1.41 | 0.8500 ± 0.0707 |" in tables.markdown(results)
+
+
+def test_heldout_options_head_bands_clip_and_one_table_per_volume(tmp_path):
+    """The model card's protocol: --clip-lr, --by-volume, psnr_head/ssim_head and bands, ArSSR as a user runs it."""
+    data = normalised_anatomical()
+    volumes = []
+    for name, crop in (("first", data[:, :, :20]), ("second", data[:, :, 5:])):
+        volumes.append(tmp_path / f"{name}.nii.gz")
+        nibabel.save(nibabel.Nifti1Image(crop, np.eye(4)), volumes[-1])
+    out = tmp_path / "heldout"
+    rc = main([str(v) for v in volumes] + ["--out", str(out), "--scales", "2", "--arssr", "ArSSR=default",
+                                            "--metrics", "psnr,ssim_head,psnr_head,bands", "--clip-lr",
+                                            "--by-volume", "--no-figures", "--quiet"])
+    assert rc == 0
+    md = (out / "results.md").read_text()
+    assert md.count("### ") == 2 and "### first.nii.gz" in md and "LR clipped at 0" in md
+    assert "PSNR head (dB)" in md and "worst / tricubic" in md
+    rows = read_csv(out / "results_per_volume.csv")
+    assert {"psnr_head", "ssim_head", "mae_band_0", "mae_band_9"} <= set(rows[0])
+    cubic = [r for r in rows if r["model"] == "tricubic"][0]
+    hr = data[:, :, :20]
+    lr = np.maximum(simulate_lr(hr, 2.0), 0.0)  # --clip-lr: the same LR the rows were scored on
+    sr = B.tricubic(lr, shape=hr.shape)
+    head = protocol.head_mask(hr)
+    assert float(cubic["psnr_head"]) == pytest.approx(psnr(sr, hr, mask=head), rel=1e-5)
+    assert float(cubic["mae_band_0"]) == pytest.approx(protocol.band_errors(sr, hr)["mae_band_0"], rel=1e-5)
