@@ -29,26 +29,118 @@ def _convert_torch(args) -> None:
 
 
 def _upsample(args) -> None:
-    from arssr_jax.inference import upsample_nifti
-
     scale = _one_or_three(args.scale, "--scale")
     voxel_size = _one_or_three(args.voxel_size, "--voxel-size")
     for flag, value, unit in (("--chunk", args.chunk, "HR voxels"), ("--tile", args.tile, "LR voxels")):
         if value is not None and value < 1:
             raise ArSSRError(f"{flag} must be a positive number of {unit}, got {value}; omit it for the default")
+    jobs = _upsample_jobs(args)  # before anything is loaded
     if scale is not None and not args.quiet:
         low = [s for s in (scale if isinstance(scale, tuple) else (scale,)) if 0 < s < 1]
         if low:
             print(f"arssr-jax upsample: note: --scale {min(low):g} is below 1, so the output is downsampled "
                   "(fewer voxels than the input)", file=sys.stderr)
-    result = upsample_nifti(
-        args.input, args.output, args.model, scale=scale, voxel_size=voxel_size, like=args.like,
-        volume_index=args.volume_index, normalize=not args.no_normalize, padding=args.padding,
-        chunk=args.chunk, tile=args.tile, progress=not args.quiet,
-    )
-    if not args.quiet:
-        size = " x ".join(f"{v:.3g}" for v in result.voxel_size)
-        print(f"wrote {args.output}: {' x '.join(map(str, result.shape))} voxels of {size} mm")
+    options = dict(scale=scale, voxel_size=voxel_size, like=args.like, volume_index=args.volume_index,
+                   normalize=not args.no_normalize, chunk=args.chunk, tile=args.tile)
+    if jobs is None:  # upsample IN OUT
+        from arssr_jax.inference import upsample_nifti
+
+        result = upsample_nifti(args.paths[0], args.paths[1], args.model, padding=args.padding,
+                                progress=not args.quiet, **options)
+        if not args.quiet:
+            print(f"wrote {args.paths[1]}: {_describe(result)}")
+        return
+    _upsample_many(args, jobs, options)
+
+
+def _describe(volume) -> str:
+    size = " x ".join(f"{v:.3g}" for v in volume.voxel_size)
+    return f"{' x '.join(map(str, volume.shape))} voxels of {size} mm"
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(os.path.normpath(path))
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0] or name
+
+
+def output_name(pattern: str, in_path: str) -> str:
+    """The output file name of ``in_path`` under ``--pattern`` ({stem}: the input's name without .nii[.gz]; {name}: with it)."""
+    try:
+        name = pattern.format(stem=_stem(in_path), name=os.path.basename(os.path.normpath(in_path)))
+    except (KeyError, IndexError, ValueError) as error:
+        raise ArSSRError(f"--pattern {pattern!r} is not a valid name pattern ({type(error).__name__}: {error}); "
+                         "use {stem} for the input's name, e.g. '{stem}_sr.nii.gz'") from None
+    if not name or os.sep in name or (os.altsep and os.altsep in name) or name in (".", ".."):
+        raise ArSSRError(f"--pattern {pattern!r} gives {name!r}, not a file name; give a plain name such as '{{stem}}_sr.nii.gz'")
+    return name
+
+
+def _upsample_jobs(args):
+    """None for ``upsample IN OUT``; else the (input, output) pairs of ``upsample IN... --out-dir DIR``."""
+    paths = args.paths
+    if args.out_dir is None:
+        if args.pattern is not None:
+            raise ArSSRError("--pattern names the outputs in --out-dir; add --out-dir DIR")
+        if len(paths) != 2:
+            raise ArSSRError(f"give IN OUT, or several inputs with --out-dir DIR (got {len(paths)} path(s) and no --out-dir)")
+        return None
+    pattern = "{stem}_sr.nii.gz" if args.pattern is None else args.pattern
+    if "{stem}" not in pattern and "{name}" not in pattern and len(paths) > 1:
+        raise ArSSRError(f"--pattern {pattern!r} gives every input the same output name; include {{stem}}, e.g. '{{stem}}_sr.nii.gz'")
+    out_dir = args.out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ArSSRError(f"--out-dir {out_dir} is an existing file; give a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise ArSSRError(f"cannot create --out-dir {out_dir} ({error.strerror or error}); create it or choose another folder") from None
+    jobs, seen = [], {}
+    for path in paths:
+        out = os.path.join(out_dir, output_name(pattern, path))
+        key = os.path.realpath(out)
+        if key in seen and os.path.realpath(seen[key]) != os.path.realpath(path):
+            raise ArSSRError(f"inputs {seen[key]} and {path} would both be written to {out}; rename one, or use a "
+                             "--pattern that tells them apart")
+        if key not in seen:
+            seen[key] = path
+            jobs.append((path, out))
+    return jobs
+
+
+def _upsample_many(args, jobs, options) -> None:
+    """Upsample every (input, output) pair with one loaded model; a failed input is reported in one
+    line and skipped; ArSSRError at the end if any failed (exit status 2)."""
+    from arssr_jax.inference import Upsampler
+    from arssr_jax.progress import progress_bar
+
+    upsampler = Upsampler(args.model, padding=args.padding)  # a bad --model fails once, before any input
+    failed = 0
+    bar = progress_bar(jobs, desc="upsample", unit="scan", enabled=not args.quiet)
+    say = getattr(bar, "write", print)
+    for in_path, out_path in bar:
+        try:
+            result = upsampler.nifti(in_path, out_path, **options)
+        except ArSSRError as error:
+            failed += 1
+            named = str(error) if str(in_path) in str(error) else f"{in_path}: {error}"
+            print(f"arssr-jax upsample: error: {named}", file=sys.stderr, flush=True)
+            continue
+        except (OSError, ValueError, RuntimeError, MemoryError) as error:  # unforeseen: still only this input
+            failed += 1
+            detail = " ".join(str(error).split())[:300]
+            print(f"arssr-jax upsample: error: {in_path}: {type(error).__name__}: {detail}", file=sys.stderr, flush=True)
+            continue
+        if not args.quiet:
+            say(f"wrote {out_path}: {_describe(result)}")
+    if failed:
+        raise ArSSRError(f"{failed} of {len(jobs)} input(s) failed (each named above); "
+                         f"the other {len(jobs) - failed} were written to {args.out_dir}")
 
 
 def _one_or_three(values, flag):
@@ -61,12 +153,21 @@ def _one_or_three(values, flag):
 
 def _add_upsample(commands) -> None:
     up = commands.add_parser(
-        "upsample", help="super-resolve a NIfTI volume at any scale, voxel size or onto another image's grid",
+        "upsample", help="super-resolve NIfTI volumes at any scale, voxel size or onto another image's grid",
+        usage="arssr-jax upsample IN OUT (--scale S | --voxel-size MM | --like REF) [options]\n"
+        "       arssr-jax upsample IN [IN ...] --out-dir DIR [--pattern P] (--scale S | ...) [options]",
         description="Super-resolve IN onto a voxel-centre grid over its field of view and write OUT "
-        "(.nii or .nii.gz) with an affine that places every voxel where it was sampled.",
+        "(.nii or .nii.gz) with an affine that places every voxel where it was sampled. With --out-dir, "
+        "every IN is written to DIR (named by --pattern) with the model loaded once; an input that fails "
+        "is reported and skipped, and the exit status is 2 if any failed.",
     )
-    up.add_argument("input", help="low-resolution NIfTI (3D, or 4D with --volume-index)")
-    up.add_argument("output", help="output NIfTI path (.nii or .nii.gz); written atomically")
+    up.add_argument("paths", nargs="+", metavar="PATH",
+                    help="IN OUT: a low-resolution NIfTI (3D, or 4D with --volume-index) and the output path "
+                    "(.nii or .nii.gz; written atomically); with --out-dir: one or more inputs")
+    up.add_argument("--out-dir", metavar="DIR", default=None, help="write each input's output here (created if missing)")
+    up.add_argument("--pattern", metavar="P", default=None,
+                    help="output file name in --out-dir: {stem} is the input's name without .nii[.gz] "
+                    "(default: {stem}_sr.nii.gz)")
     target = up.add_mutually_exclusive_group(required=True)
     target.add_argument("--scale", type=float, nargs="+", metavar="S", help="one factor, or three (per axis)")
     target.add_argument("--voxel-size", type=float, nargs="+", metavar="MM", help="target voxel size in mm (one or three)")
@@ -79,7 +180,7 @@ def _add_upsample(commands) -> None:
     up.add_argument("--chunk", type=int, default=None, help="at most this many HR voxels decoded per call (default 65536 on CPU, 2^20 on GPU)")
     up.add_argument("--tile", type=int, default=None, help="encoder tile core size in LR voxels (default: from free memory)")
     up.add_argument("--volume-index", type=int, default=None, metavar="I", help="volume of a 4D input to use")
-    up.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    up.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
     up.set_defaults(run=_upsample)
 
 
@@ -140,7 +241,9 @@ def _add_demo(commands) -> None:
     demo.set_defaults(run=_demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``arssr-jax`` parser; given the ``command`` to run, only that one's imports are paid for
+    (None: every subcommand in full)."""
     parser = argparse.ArgumentParser(
         prog="arssr-jax", description="Arbitrary-scale super-resolution of 3D MR images (ArSSR) in JAX."
     )
@@ -164,10 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_upsample(commands)
     _add_demo(commands)
     _add_export(commands)
-    from arssr_jax.training.cli import add_subcommand as add_train
+    if command in (None, "train"):
+        from arssr_jax.training.cli import add_subcommand as add_train
 
-    add_train(commands)
+        add_train(commands)
+    else:  # the training stack (orbax, optax, grain) takes seconds to import: only for `train`
+        commands.add_parser("train", help=TRAIN_HELP, add_help=False)
     return parser
+
+
+TRAIN_HELP = "train an ArSSR model or a fixed-scale baseline CNN (or resume a run)"
+
+
+def _command_of(argv) -> str | None:
+    """The subcommand ``argv`` names (its first word not starting with '-'), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def enable_compilation_cache() -> None:
@@ -175,8 +289,10 @@ def enable_compilation_cache() -> None:
 
     ARSSR_JAX_CACHE picks the folder (default ~/.cache/arssr-jax/xla); "off" disables it.
     """
-    folder = os.environ.get("ARSSR_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "arssr-jax", "xla"))
-    if folder.lower() in ("", "0", "off", "none"):
+    from arssr_jax.weights.model_dir import cache_folder
+
+    folder = cache_folder()
+    if folder is None:
         return
     import jax
 
@@ -222,7 +338,8 @@ def _install_quiet_unraisable() -> None:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser(_command_of(argv) or "")
     args = parser.parse_args(argv)
     restore = []
     if threading.current_thread() is threading.main_thread():

@@ -371,6 +371,49 @@ def _checked_input(volume) -> np.ndarray:
     return volume
 
 
+class Upsampler:
+    """A model loaded once, for many volumes: the compiled encoder and decoder are reused
+    across inputs of the same shape (and target grid shape).
+
+    ```python
+    up = Upsampler()                     # the shipped model; or a directory, workdir, name, (module, params)
+    hr = up(volume, scale=2)             # arrays, as :func:`upsample`
+    up.nifti("a.nii.gz", "a_sr.nii.gz", scale=2)   # files, as :func:`upsample_nifti`
+    ```
+
+    ``padding``, ``normalize``, ``chunk`` and ``tile`` set defaults that a call may override.
+    """
+
+    def __init__(self, model=None, *, padding=None, normalize=True, chunk=None, tile=None):
+        module, params = resolve_model(model, padding)
+        # On the device once, not converted again for every call.
+        self.module, self.params = module, jax.device_put(params) if params is not None else None
+        self.config = module.config
+        self.normalize, self.chunk, self.tile = normalize, chunk, tile
+
+    @property
+    def model(self):
+        """The ``(module, params)`` pair, accepted wherever a model spec is."""
+        return self.module, self.params
+
+    def _options(self, normalize, chunk, tile):
+        return dict(normalize=self.normalize if normalize is None else normalize,
+                    chunk=self.chunk if chunk is None else chunk, tile=self.tile if tile is None else tile)
+
+    def __call__(self, volume, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None,
+                 normalize=None, chunk=None, tile=None, progress=False) -> np.ndarray:
+        """As :func:`upsample` with this model."""
+        return upsample(volume, self.model, scale=scale, shape=shape, voxel_size=voxel_size,
+                        lr_voxel_size=lr_voxel_size, grid=grid, progress=progress,
+                        **self._options(normalize, chunk, tile))
+
+    def nifti(self, in_path, out_path, *, scale=None, voxel_size=None, like=None, volume_index=None,
+              normalize=None, chunk=None, tile=None, progress=False):
+        """As :func:`upsample_nifti` with this model; returns the written Volume."""
+        return upsample_nifti(in_path, out_path, self.model, scale=scale, voxel_size=voxel_size, like=like,
+                              volume_index=volume_index, progress=progress, **self._options(normalize, chunk, tile))
+
+
 def upsample_nifti(
     in_path,
     out_path,

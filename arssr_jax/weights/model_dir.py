@@ -10,6 +10,7 @@ latest orbax checkpoint) or the name of a model shipped inside the package.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -135,8 +136,7 @@ def check_params(config: ModelConfig, params, source: str) -> None:
     """Raise ArSSRError unless ``params`` has exactly the tree and shapes ``config`` builds."""
     import jax
 
-    expected = jax.eval_shape(lambda: init_params(build_model(config), jax.random.key(0)))
-    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    want = expected_shapes(config)
     have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     if want != have:
         missing = sorted(set(want) - set(have))
@@ -144,6 +144,55 @@ def check_params(config: ModelConfig, params, source: str) -> None:
         detail = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {have[wrong[0]]}, expected {want[wrong[0]]}" if wrong else f"unexpected {sorted(set(have) - set(want))[0]}"
         raise ArSSRError(f"parameters in {source} do not fit its config ({detail}); the model files are inconsistent")
     check_finite(params, source)
+
+
+def cache_folder() -> str | None:
+    """The folder for what a later process may reuse (XLA's compiled programs, parameter shapes):
+    ARSSR_JAX_CACHE, default ~/.cache/arssr-jax/xla; None when it is "off"."""
+    folder = os.environ.get("ARSSR_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "arssr-jax", "xla"))
+    return None if folder.lower() in ("", "0", "off", "none") else folder
+
+
+def _models_digest() -> str:
+    """Hash of the model code and the library versions the parameter shapes depend on."""
+    import flax
+    import jax
+
+    digest = hashlib.sha256(f"{jax.__version__} {flax.__version__}".encode())
+    for source in sorted(Path(build_model.__code__.co_filename).parent.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    return digest.hexdigest()
+
+
+def expected_shapes(config: ModelConfig) -> dict:
+    """{parameter path: shape} that ``config`` builds. Tracing the model's initialisation for this
+    costs about half a second, so the answer is kept in the cache folder, keyed by the config and a
+    hash of the model code (any change to either computes it afresh)."""
+    import jax
+
+    folder = cache_folder()
+    path = None
+    if folder is not None:
+        key = hashlib.sha256((config.to_json() + _models_digest()).encode()).hexdigest()[:40]
+        path = Path(folder) / f"arssr-param-shapes-{key}.json"
+        try:
+            cached = json.loads(path.read_text())
+            return {k: tuple(v) for k, v in cached.items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass  # absent or unreadable: computed below
+    expected = jax.eval_shape(lambda: init_params(build_model(config), jax.random.key(0)))
+    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    if path is not None:
+        staging = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfiles.make_temp(path.parent, path.name))
+            staging.write_text(json.dumps(want))
+            os.replace(staging, path)
+        except OSError:
+            if staging is not None:
+                staging.unlink(missing_ok=True)  # a read-only or full cache costs time, never a result
+    return want
 
 
 def check_finite(params, source: str) -> None:
