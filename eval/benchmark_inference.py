@@ -11,6 +11,16 @@ extrapolated to all of them, as said in the output) and encode-once.
 
 Each case runs in a fresh subprocess so its peak memory (ru_maxrss, or the device's
 peak bytes on a GPU) is its own. Numbers are printed as a table and one JSON line each.
+
+Whole-process mode times what a user waits for: the ``arssr-jax upsample`` command from
+start to exit (interpreter, imports, model loading, tracing, reading and writing NIfTI),
+with the compiled-program cache warm (one untimed run first), beside the reference as a
+whole process (torch import, loading a saved state_dict, one encoder pass, the slab-by-slab
+decode, writing the NIfTI), for one scan and for N scans (ours: one command over all of
+them with --out-dir; the reference: one process per scan, as its CLI takes one scan):
+
+    python eval/benchmark_inference.py --whole-process                 # 1 and 20 scans of 48^3, x2
+    python eval/benchmark_inference.py --whole-process --scans 1 --shape 8 8 8   # the fixed cost
 """
 
 from __future__ import annotations
@@ -162,6 +172,109 @@ def spawn(args, name, scale):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+REFERENCE_PROCESS = """
+import os, sys, time
+import numpy as np, nibabel as nib, torch
+sys.path.insert(0, os.path.join({repo!r}, "tests"))
+from torch_reference import ArSSR
+from arssr_jax.coords import make_grid
+
+encoder, weights, scale, in_path, out_path = sys.argv[1:6]
+torch.set_num_threads(os.cpu_count())
+model = ArSSR(encoder).eval()
+model.load_state_dict(torch.load(weights))
+image = nib.load(in_path)
+volume = torch.from_numpy(np.asarray(image.get_fdata(), np.float32))[None, None]
+hr = tuple(int(n * float(scale)) for n in volume.shape[2:])
+coords = torch.from_numpy(make_grid(hr)).view(hr[0], -1, 3)
+with torch.no_grad():
+    features = model.encoder(volume)
+    out = torch.cat([model.decode(features, coords[i][None]).view(-1) for i in range(hr[0])])
+affine = image.affine.copy()
+affine[:3, :3] /= float(scale)
+nib.save(nib.Nifti1Image(out.view(hr).numpy(), affine), out_path)
+"""
+
+
+def whole_process(args):
+    """Wall time of whole processes: arssr-jax upsample against the reference, 1 and N scans."""
+    import tempfile
+
+    import jax
+    import nibabel as nib
+
+    from arssr_jax.models import ModelConfig, build_model, init_params
+    from arssr_jax.weights import save_model
+
+    scale = args.scales[0]
+    work = tempfile.mkdtemp(prefix="arssr-bench-")
+    config = ModelConfig(encoder=args.encoder)
+    model_dir = save_model(os.path.join(work, "model"), config, init_params(build_model(config), jax.random.key(0)))
+    base = realistic_volume(tuple(args.shape))
+    most = max(args.scans)
+    scans = []
+    for i in range(most):  # the same anatomy, a little noise each: same shape, different data
+        data = base + 0.01 * np.random.default_rng(i).standard_normal(base.shape).astype(np.float32)
+        scans.append(os.path.join(work, f"scan{i:02d}.nii.gz"))
+        nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), scans[-1])
+    ours = [sys.executable, "-m", "arssr_jax.cli", "upsample"]
+    options = ["--scale", f"{scale:g}", "--model", str(model_dir), "--quiet"]
+
+    def timed(command):
+        t0 = time.perf_counter()
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{' '.join(command[:6])} ... failed:\n{out.stderr[-3000:]}")
+        return time.perf_counter() - t0
+
+    warm = timed(ours + [scans[0], os.path.join(work, "warm.nii.gz")] + options)  # fills the compile cache
+    print(f"LR {'x'.join(map(str, args.shape))} -> x{scale:g}, {args.encoder}, random weights, "
+          f"{os.cpu_count()} CPU cores; whole processes, wall time")
+    print(f"arssr-jax first run (compile cache filled if it was empty): {warm:.2f} s")
+    with_torch = False
+    if not args.no_torch:
+        try:
+            import torch
+
+            sys.path.insert(0, os.path.join(REPO, "tests"))
+            from torch_reference import ArSSR
+
+            torch.manual_seed(0)
+            weights = os.path.join(work, "reference.pkl")
+            torch.save(ArSSR(args.encoder).state_dict(), weights)
+            script = os.path.join(work, "reference_process.py")
+            with open(script, "w") as f:
+                f.write(REFERENCE_PROCESS.format(repo=REPO))
+            with_torch = True
+        except ImportError:
+            pass
+    results = []
+    for n in args.scans:
+        out_dir = os.path.join(work, f"out{n}")
+        if n == 1:
+            ours_s = timed(ours + [scans[0], os.path.join(work, "one.nii.gz")] + options)
+        else:
+            ours_s = timed(ours + scans[:n] + ["--out-dir", out_dir] + options)
+        row = {"mode": "whole-process", "scans": n, "shape": list(args.shape), "scale": scale,
+               "arssr_jax_s": ours_s}
+        if with_torch:
+            row["reference_s"] = sum(
+                timed([sys.executable, script, args.encoder, weights, str(scale), path,
+                       os.path.join(work, f"ref{i:02d}.nii.gz")])
+                for i, path in enumerate(scans[:n]))
+            row["ratio"] = row["reference_s"] / ours_s
+        ours_text = (f"arssr-jax upsample {'IN OUT' if n == 1 else f'{n} inputs --out-dir'}: {ours_s:7.2f} s")
+        ref_text = (f"; reference, {n} process{'es' if n > 1 else ''}: {row['reference_s']:7.2f} s; "
+                    f"speed-up {row['ratio']:.2f}x" if with_torch else "")
+        print(f"{n:3d} scan{'s' if n > 1 else ' '}  {ours_text}{ref_text}")
+        results.append(row)
+    for row in results:
+        print(json.dumps(row))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="RDN", choices=["RDN", "ResCNN", "SRResNet"])
@@ -173,11 +286,21 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--shipped-slabs", type=int, default=2, help="slabs timed for the as-shipped reference")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="time whole processes (the CLI as a user runs it) against the reference's; "
+                        "the first of --scales (default here: 2)")
+    parser.add_argument("--scans", type=int, nargs="+", default=[1, 20],
+                        help="with --whole-process: numbers of scans timed (default 1 and 20)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--scale", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         print(json.dumps(case(args)))
+        return
+    if args.whole_process:
+        if min(args.scans) < 1:
+            raise SystemExit("--scans: give positive numbers of scans")
+        whole_process(args)
         return
 
     try:
