@@ -122,22 +122,30 @@ def _upsample_many(args, jobs, options) -> None:
     upsampler = Upsampler(args.model, padding=args.padding)  # a bad --model fails once, before any input
     failed = 0
     bar = progress_bar(jobs, desc="upsample", unit="scan", enabled=not args.quiet)
-    say = getattr(bar, "write", print)
+
+    def say(text, file=sys.stdout):  # above the progress bar when there is one
+        if hasattr(bar, "write"):
+            bar.write(text, file=file)
+        else:
+            print(text, file=file, flush=True)
+
     for in_path, out_path in bar:
         try:
             result = upsampler.nifti(in_path, out_path, **options)
         except ArSSRError as error:
             failed += 1
             named = str(error) if str(in_path) in str(error) else f"{in_path}: {error}"
-            print(f"arssr-jax upsample: error: {named}", file=sys.stderr, flush=True)
+            say(f"arssr-jax upsample: error: {named}", sys.stderr)
             continue
         except (OSError, ValueError, RuntimeError, MemoryError) as error:  # unforeseen: still only this input
             failed += 1
             detail = " ".join(str(error).split())[:300]
-            print(f"arssr-jax upsample: error: {in_path}: {type(error).__name__}: {detail}", file=sys.stderr, flush=True)
+            say(f"arssr-jax upsample: error: {in_path}: {type(error).__name__}: {detail}", sys.stderr)
             continue
         if not args.quiet:
             say(f"wrote {out_path}: {_describe(result)}")
+    if failed == len(jobs):
+        raise ArSSRError(f"{failed} of {len(jobs)} input(s) failed (each named above); nothing was written")
     if failed:
         raise ArSSRError(f"{failed} of {len(jobs)} input(s) failed (each named above); "
                          f"the other {len(jobs) - failed} were written to {args.out_dir}")

@@ -162,3 +162,14 @@ def test_train_keeps_its_full_parser():
     train = build_parser("train")._subparsers._group_actions[0].choices["train"]
     assert any("--workdir" in a.option_strings for a in train._actions)
     assert "train" in build_parser("upsample").format_help()
+
+
+def test_progress_bar_over_files_on_a_terminal(tmp_path, tiny_dir, capsys, monkeypatch):
+    inputs = [scan(tmp_path / "a.nii.gz"), str(tmp_path / "missing.nii.gz"), scan(tmp_path / "c.nii.gz")]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code = main(["upsample", *inputs, "--out-dir", str(tmp_path / "o"), "--scale", "2", "--model", tiny_dir])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "upsample" in captured.err and "scan" in captured.err  # the bar
+    assert "missing.nii.gz" in captured.err and "1 of 3" in captured.err
+    assert captured.out.count("wrote ") == 2
