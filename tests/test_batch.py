@@ -4,28 +4,14 @@ import os
 import subprocess
 import sys
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
 from arssr_jax import ArSSRError, Upsampler, inference
 from arssr_jax.cli import build_parser, main, output_name
-from arssr_jax.models import ModelConfig, build_model, init_params
-from arssr_jax.weights import read_model_dir, save_model
+from arssr_jax.weights import read_model_dir
 from arssr_jax.weights import model_dir
-
-TINY = ModelConfig(
-    encoder="RDN", feature_dim=8, decoder_depth=4, decoder_width=16,
-    encoder_options={"num_blocks": 2, "num_layers": 2, "num_features": 8, "growth": 8},
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    params = init_params(build_model(TINY), jax.random.key(0))
-    params["decoder"]["stage_two_1"]["bias"] = params["decoder"]["stage_two_1"]["bias"] + 0.3
-    return str(save_model(tmp_path_factory.mktemp("m") / "tiny", TINY, params))
 
 
 def scan(path, shape=(6, 7, 5), seed=0):

@@ -36,7 +36,7 @@ from arssr_jax.cli import main
 from arssr_jax.coords import grid_for_scale, grid_for_voxel_size
 from arssr_jax.errors import ArSSRError
 from arssr_jax.inference import encode_volume, upsample
-from arssr_jax.models import ModelConfig, build_model, init_params
+from arssr_jax.models import build_model
 from arssr_jax.weights import convert_state_dict, load_model, save_model
 
 torch = pytest.importorskip("torch")
@@ -44,25 +44,11 @@ from torch_reference import make_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ANATOMICAL = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
-TINY = ModelConfig(encoder="RDN", feature_dim=8, decoder_depth=4, decoder_width=16,
-                   encoder_options={"num_blocks": 2, "num_layers": 2, "num_features": 8, "growth": 8})
+from tiny_model import TINY  # noqa: E402
 SMALL_REFERENCE = dict(feature_dim=8, g0=8, g=8, d=2, c=2)  # a small RDN in the reference's layout
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model = build_model(TINY)
-    params = init_params(model, jax.random.key(0))
-    params["decoder"]["stage_two_1"]["bias"] = params["decoder"]["stage_two_1"]["bias"] + 0.3
-    return model, params
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny, tmp_path_factory):
-    return str(save_model(tmp_path_factory.mktemp("m") / "tiny", TINY, tiny[1]))
 
 
 @pytest.fixture

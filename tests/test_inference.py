@@ -17,24 +17,7 @@ from arssr_jax.models import ModelConfig, build_model, init_params, predict
 from arssr_jax.weights import convert_state_dict, save_model
 from torch_reference import make_reference
 
-TINY = ModelConfig(
-    encoder="RDN", feature_dim=8, decoder_depth=4, decoder_width=16,
-    encoder_options={"num_blocks": 2, "num_layers": 2, "num_features": 8, "growth": 8},
-)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model = build_model(TINY)
-    params = init_params(model, jax.random.key(0))
-    # A positive output bias so the (ReLU) output is never trivially zero.
-    params["decoder"]["stage_two_1"]["bias"] = params["decoder"]["stage_two_1"]["bias"] + 0.3
-    return model, params
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny, tmp_path_factory):
-    return str(save_model(tmp_path_factory.mktemp("m") / "tiny", TINY, tiny[1]))
+from tiny_model import TINY  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 
 def rng_volume(shape, seed=0):
