@@ -143,7 +143,7 @@ def band_errors(sr, gt, bands=None) -> dict:
             for k in range(len(BAND_EDGES) - 1)}
 
 
-def reference_scores(sr, gt, mask, tissue, metrics, head=None) -> dict:
+def reference_scores(sr, gt, mask, tissue, metrics, head=None, bands=None) -> dict:
     out = {}
     if "psnr" in metrics:
         out["psnr"] = M.psnr(sr, gt)
@@ -161,7 +161,7 @@ def reference_scores(sr, gt, mask, tissue, metrics, head=None) -> dict:
         out["dice"] = d.pop("mean")
         out.update({f"dice_{k}": v for k, v in d.items()})
     if "bands" in metrics:
-        out.update(band_errors(sr, gt))
+        out.update(band_errors(sr, gt, bands))
     return out
 
 
@@ -203,6 +203,7 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
             hr = np.asarray(hr() if callable(hr) else hr, np.float32)
             mask = hr > M.otsu_threshold(hr)
             head = head_mask(hr)
+            bands = band_index(hr) if "bands" in metrics else None
             tissue = M.fit_tissue_model(hr) if "dice" in metrics else None
             nr = no_reference_scores(hr, mask, metrics)
             if nr:
@@ -219,7 +220,7 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
                         continue
                     sr = r(lr, hr.shape)
                     records.append(dict(volume=name, scale=s, model=r.label, kind=r.kind,
-                                        **reference_scores(sr, hr, mask, tissue, metrics, head)))
+                                        **reference_scores(sr, hr, mask, tissue, metrics, head, bands)))
                     if keep:
                         outputs[r.label] = sr
                 if keep:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from arssr_jax.evaluation.protocol import GROUND_TRUTH, Results
+from arssr_jax.evaluation.protocol import BAND_EDGES, GROUND_TRUTH, Results
 from arssr_jax.tempfiles import publish_mode
 
 HEADINGS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_head": "PSNR head (dB)", "ssim_head": "SSIM head",
@@ -105,8 +105,6 @@ def band_markdown(results: Results, rows) -> str:
     bands = [c for c in metric_columns(results) if c.startswith("mae_band_")]
     if not bands:
         return ""
-    from arssr_jax.evaluation.protocol import BAND_EDGES
-
     names = [f"{BAND_EDGES[int(c.rsplit('_', 1)[1])]:.1f}-{BAND_EDGES[int(c.rsplit('_', 1)[1]) + 1]:.1f}" for c in bands]
     lines = ["", "Mean absolute error x 1000 by ground-truth intensity band (fraction of its range); last column: "
              "the largest ratio of a band's error to tricubic's at that scale (<= 1.10 is the target).", "",
