@@ -297,6 +297,24 @@ def test_mask_cut_zeroes_one_side_of_a_curved_surface():
     np.testing.assert_array_equal(cut[kept], hr[kept])
 
 
+def test_mask_ramp_fades_the_tissue_towards_the_cut_and_keeps_it_further_in():
+    from scipy import ndimage
+
+    from arssr_jax.data.samples import mask_cut
+
+    hr = np.ones((30, 30, 30))
+    plain = mask_cut(hr, np.random.default_rng(15))
+    ramped = mask_cut(hr, np.random.default_rng(15), ramp=True)
+    np.testing.assert_array_equal(ramped > 0, plain > 0)  # the same surface
+    distance = ndimage.distance_transform_edt(plain > 0)
+    rim, deep = ramped[distance == 1], ramped[distance > 7.5]
+    assert rim.size and deep.size
+    assert rim.max() < 1.0 and np.allclose(deep, 1.0)  # widths are at most 6 voxels
+    # monotone in the distance to the cut
+    means = [ramped[(distance > d - 0.5) & (distance <= d + 0.5)].mean() for d in range(1, 8)]
+    assert np.all(np.diff(means) >= -1e-12)
+
+
 def test_l2_training_loss_is_the_mean_squared_error():
     from arssr_jax.models import predict
     from arssr_jax.training.step import arssr_loss

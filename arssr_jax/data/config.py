@@ -49,6 +49,10 @@ class AugmentConfig:
     mask_cut:        probability of zeroing the HR patch outside a random curved surface
                      (a random quadric) after the noise: the hard edges of skull-stripped and
                      masked volumes, through tissue of any intensity.
+    mask_ramp:       probability that a mask cut also fades the tissue towards the cut: inside,
+                     intensity x (r + (1 - r) * min(1, (d - 1) / w)), d the distance to the cut in
+                     voxels, r ~ U(0, 1), w ~ U(1, 6): templates averaged over many brains, whose
+                     masks cut a partial-volume ramp, not a plateau, so the step is not moved inward.
     clip_lr:         probability of clipping the LR at 0, as a magnitude image is.
     """
 
@@ -63,6 +67,7 @@ class AugmentConfig:
     bright_spots: float = 0.0
     blur: float = 0.0
     mask_cut: float = 0.0
+    mask_ramp: float = 0.0
     clip_lr: float = 0.0
 
     @property
@@ -209,7 +214,7 @@ class DataConfig:
         for field in ("gamma", "intensity_scale", "bias_field", "noise_std", "rician_noise"):
             if getattr(a, field) < 0:
                 raise ArSSRError(f"AugmentConfig.{field}={getattr(a, field)!r}: must be >= 0")
-        for field in ("contrast", "bright_spots", "blur", "mask_cut", "clip_lr"):
+        for field in ("contrast", "bright_spots", "blur", "mask_cut", "mask_ramp", "clip_lr"):
             if not 0.0 <= getattr(a, field) <= 1.0:
                 raise ArSSRError(f"AugmentConfig.{field}={getattr(a, field)!r}: a probability, "
                                  "must lie in [0, 1]")

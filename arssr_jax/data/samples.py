@@ -76,11 +76,18 @@ def _random_quadratic(shape, rng: np.random.Generator) -> np.ndarray:
     return sum(c * t for c, t in zip(rng.uniform(-1.0, 1.0, size=len(terms)), terms))
 
 
-def mask_cut(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``hr`` set to 0 where a random quadratic surface crossing the patch says "outside"."""
+def mask_cut(hr: np.ndarray, rng: np.random.Generator, ramp: bool = False) -> np.ndarray:
+    """``hr`` set to 0 where a random quadratic surface crossing the patch says "outside";
+    with ``ramp``, the inside also fades towards the cut (see ``AugmentConfig.mask_ramp``)."""
     f = _random_quadratic(hr.shape, rng)
     level = np.quantile(f, rng.uniform(0.2, 0.8))  # 20-80 % of the patch is cut away
-    return np.where(f > level, hr, 0.0)
+    inside = f > level
+    if not ramp:
+        return np.where(inside, hr, 0.0)
+    floor, width = rng.uniform(0.0, 1.0), rng.uniform(1.0, 6.0)
+    distance = ndimage.distance_transform_edt(inside)  # >= 1 inside, 0 outside
+    weight = floor + (1.0 - floor) * np.minimum(1.0, (distance - 1.0) / width)
+    return np.where(inside, hr * weight, 0.0)
 
 
 def _bias_field(shape, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -145,7 +152,8 @@ def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> 
     if aug.rician_noise:
         hr = rician(hr, rng.uniform(0.0, aug.rician_noise), rng)
     if aug.mask_cut and rng.random() < aug.mask_cut:
-        hr = mask_cut(hr, rng)
+        ramp = bool(aug.mask_ramp) and rng.random() < aug.mask_ramp
+        hr = mask_cut(hr, rng, ramp)
     return hr.astype(np.float32)
 
 
