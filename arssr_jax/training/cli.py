@@ -32,7 +32,11 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
                         help='the baseline module\'s options, e.g. \'{"filters": [32, 16]}\' (with --baseline)')
     parser.add_argument("--steps", type=int, default=None, help="total steps (overrides the config's epochs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or console lines")
-    group = parser.add_argument_group("multi-process (one command per process; or ARSSR_* environment variables)")
+    group = parser.add_argument_group(
+        "multi-process (one command per process)",
+        "Under SLURM (srun), Open MPI (mpirun) and on Cloud TPU pods these are detected; elsewhere give all "
+        "three (or ARSSR_COORDINATOR_ADDRESS, ARSSR_NUM_PROCESSES, ARSSR_PROCESS_ID). Given values win "
+        "over detected ones. JAX_COORDINATOR_PORT picks the coordinator's port in a detected cluster.")
     group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
     group.add_argument("--num-processes", type=int, default=None)
     group.add_argument("--process-id", type=int, default=None)
@@ -48,7 +52,8 @@ def run(args) -> None:
 
     distributed = DistributedConfig.from_env(coordinator_address=args.coordinator,
                                              num_processes=args.num_processes, process_id=args.process_id)
-    initialize(distributed)  # before anything touches a JAX backend
+    # before anything touches a JAX backend; every process says how it was launched (its own stdout)
+    initialize(distributed, log=None if args.quiet else (lambda line: print(f"arssr-jax train: {line}", flush=True)))
 
     from arssr_jax.training.config import CONFIG_FILE, load_config
     from arssr_jax.training.loop import train
