@@ -7,6 +7,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 # Tests that call the CLI in-process keep XLA's persistent cache off: hermetic runs.
 os.environ.setdefault("ARSSR_JAX_CACHE", "off")
 
+# Training runs convert their volumes into the volume cache (arssr_jax.data.cache): the
+# tests' default cache is a temporary folder, not ~/.cache (subprocesses inherit it).
+if "ARSSR_JAX_VOLUME_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _volume_cache = tempfile.mkdtemp(prefix="arssr-test-volume-cache-")
+    os.environ["ARSSR_JAX_VOLUME_CACHE"] = _volume_cache
+    atexit.register(shutil.rmtree, _volume_cache, True)
+
 import pytest  # noqa: E402
 
 

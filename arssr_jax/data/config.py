@@ -109,6 +109,13 @@ class DataConfig:
     max_tries:           candidate patch positions tried; after that the candidate
                          with the largest foreground fraction is kept.
     augment:             :class:`AugmentConfig`.
+    cache_dir:           the volume cache (``arssr_jax.data.cache``): training NIfTI files
+                         are converted once into normalised float32 ``.npy`` files here
+                         and memory-mapped by every process and worker, so memory does not
+                         grow with the dataset. Default ``~/.cache/arssr-jax/volumes``
+                         (``$ARSSR_JAX_VOLUME_CACHE`` moves it); ``~`` and ``$VARS`` are
+                         expanded; None reads every volume into memory. Batches are the
+                         same either way.
     """
 
     paths: Tuple[str, ...] = ()
@@ -134,12 +141,15 @@ class DataConfig:
     max_tries: int = 10
     augment: AugmentConfig = AugmentConfig()
     task: str = "arssr"
+    cache_dir: Optional[str] = "~/.cache/arssr-jax/volumes"
 
     def __post_init__(self):
         paths = self.paths
         if isinstance(paths, (str, os.PathLike)):
             paths = (paths,)
         object.__setattr__(self, "paths", tuple(os.fspath(p) for p in paths))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         if isinstance(self.augment, dict):
             object.__setattr__(self, "augment", AugmentConfig(**self.augment))
 

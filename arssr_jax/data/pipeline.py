@@ -196,7 +196,10 @@ def make_train_iterator(config: DataConfig, volumes=None, *,
                         start_step: int = 0) -> TrainIterator:
     """This process's iterator of training batches.
 
-    ``volumes``: anything :func:`load_volumes` takes (None: ``config.paths``).
+    ``volumes``: anything :func:`load_volumes` takes (None: ``config.paths``); NIfTI
+    paths are memory-mapped from the volume cache ``config.cache_dir`` (see
+    :mod:`arssr_jax.data.cache`; None: read into memory), so worker processes re-open
+    the files instead of receiving copies of the arrays.
     Each batch: ``{"lr": (b, n, n, n, 1), "coords": (b, K, 3), "values": (b, K, 1)}``
     (``task='baseline'``: ``{"input": (b, m, m, m, 1), "target": (b, m, m, m, 1)}``)
     float32, b = batch_size // process_count, n = lr_size, K = samples_per_step.
@@ -208,6 +211,6 @@ def make_train_iterator(config: DataConfig, volumes=None, *,
             raise ArSSRError("DataConfig.paths is empty and no volumes were given; set the "
                              "data paths")
         volumes = config.paths
-    volumes = load_volumes(volumes)
+    volumes = load_volumes(volumes, cache_dir=config.cache_dir)
     check_patch_fits(volumes, config.patch_size)
     return TrainIterator(volumes, config, process_index, process_count, start_step)

@@ -1,11 +1,17 @@
-"""HR training volumes: find, read once, check, normalise (the rule inference uses)."""
+"""HR training volumes: find, read once, check, normalise (the rule inference uses).
+
+Volumes read from NIfTI files go through the volume cache (``arssr_jax.data.cache``)
+when a cache folder is given: each is converted once into a normalised float32 ``.npy``
+and memory-mapped, so memory does not grow with the dataset, and grain's worker
+processes re-open the files by path instead of receiving copies of the arrays.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -17,10 +23,22 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class VolumeSet:
-    """Normalised float32 volumes (nibabel axis order) and a name for each."""
+    """Normalised float32 volumes (nibabel axis order) and a name for each.
+
+    ``files``: for volumes memory-mapped from the volume cache, the ``.npy`` file each
+    array maps (None for an array held in memory; ``files`` None: all in memory). A
+    pickled VolumeSet (grain sends its dataset to worker processes by pickling it)
+    carries those paths instead of the arrays, and unpickling maps the files again, so
+    every process shares the operating system's page cache instead of holding a copy.
+    """
 
     arrays: Tuple[np.ndarray, ...]
     names: Tuple[str, ...]
+    files: Optional[Tuple[Optional[str], ...]] = None
+
+    def __post_init__(self):
+        if self.files is not None and len(self.files) != len(self.arrays):
+            raise ValueError(f"VolumeSet: {len(self.files)} files for {len(self.arrays)} arrays")
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -28,7 +46,25 @@ class VolumeSet:
     def __repr__(self) -> str:
         shapes = ", ".join(str(a.shape) for a in self.arrays[:3])
         more = ", ..." if len(self.arrays) > 3 else ""
-        return f"VolumeSet({len(self)} volumes: {shapes}{more})"
+        mapped = "" if self.files is None else f", {sum(f is not None for f in self.files)} memory-mapped"
+        return f"VolumeSet({len(self)} volumes: {shapes}{more}{mapped})"
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.files is not None:
+            state["arrays"] = tuple(None if f is not None else a for a, f in zip(self.arrays, self.files))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        files = state.get("files")
+        if files is not None:
+            from arssr_jax.data.cache import open_cached
+
+            state = dict(state)
+            state["arrays"] = tuple(open_cached(f) if f is not None else a
+                                    for a, f in zip(state["arrays"], files))
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -118,11 +154,15 @@ def normalise_volume(data: np.ndarray, name: str) -> np.ndarray:
     return Normalisation.of(data, name).apply(data)
 
 
-def load_volumes(source) -> VolumeSet:
-    """Read every volume once and normalise it.
+def load_volumes(source, cache_dir=None, progress: bool = True) -> VolumeSet:
+    """Every volume, normalised: read into memory, or memory-mapped from the volume cache.
 
     ``source``: a directory, a list file, a NIfTI path, a sequence of paths, a
     sequence of 3D arrays (named ``array[i]``), or a :class:`VolumeSet` (returned as is).
+    ``cache_dir``: for NIfTI files, the volume cache folder (``DataConfig.cache_dir``;
+    see :mod:`arssr_jax.data.cache`): volumes are converted there once (a progress bar
+    when ``progress``) and memory-mapped. None reads every volume into memory. Arrays
+    are always held in memory. Either way the arrays hold the same values.
     """
     if isinstance(source, VolumeSet):
         return source
@@ -134,6 +174,10 @@ def load_volumes(source) -> VolumeSet:
         arrays = [normalise_volume(a, n) for a, n in zip(source, names)]
         return VolumeSet(tuple(arrays), tuple(names))
     files = find_volume_files(source)
+    if cache_dir is not None:
+        from arssr_jax.data.cache import cached_volumes
+
+        return cached_volumes(files, cache_dir, progress=progress)
     arrays = [normalise_volume(read_nifti(f), f) for f in files]
     return VolumeSet(tuple(arrays), tuple(files))
 
