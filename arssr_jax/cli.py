@@ -193,18 +193,13 @@ def _add_upsample(commands) -> None:
 
 
 def _export(args) -> None:
-    from arssr_jax.training.checkpoints import load_inference_params
-    from arssr_jax.training.config import CONFIG_FILE, load_config
     from arssr_jax.weights import save_model
-    from arssr_jax.weights.model_dir import describe
-
-    from arssr_jax.weights.model_dir import check_model_output
+    from arssr_jax.weights.baseline_dir import load_baseline_run, save_baseline
+    from arssr_jax.weights.model_dir import check_model_output, describe
+    from arssr_jax.weights.workdir import load_inference_params, read_run_document
 
     check_model_output(args.output)  # before reading the checkpoint
-    saved = Path(args.workdir) / CONFIG_FILE
-    if saved.is_file() and load_config(saved).baseline is not None:
-        from arssr_jax.models.baselines import load_baseline_run, save_baseline
-
+    if read_run_document(args.workdir).get("baseline") is not None:
         _, params, document = load_baseline_run(args.workdir, step=args.step)
         save_baseline(args.output, document["baseline"], document["scale"], params, document["options"],
                       document["metadata"])
@@ -297,7 +292,7 @@ def enable_compilation_cache() -> None:
 
     ARSSR_JAX_CACHE picks the folder (default ~/.cache/arssr-jax/xla); "off" disables it.
     """
-    from arssr_jax.weights.model_dir import cache_folder
+    from arssr_jax.weights.params import cache_folder
 
     folder = cache_folder()
     if folder is None:

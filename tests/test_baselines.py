@@ -12,6 +12,7 @@ from scipy import ndimage
 from arssr_jax.errors import ArSSRError
 from arssr_jax.metrics import psnr
 from arssr_jax.models import baselines as B
+from arssr_jax.weights import baseline_dir
 from arssr_jax.models.arssr import count_params
 
 ANATOMICAL = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
@@ -166,9 +167,9 @@ def test_baseline_trains_through_the_training_system(tmp_path):
     assert records[0]["interpolation_name"] == "tricubic"
 
     assert cli_main(["export", str(workdir), str(tmp_path / "exported"), "--quiet"]) == 0
-    module, params, document = B.load_baseline(tmp_path / "exported")
+    module, params, document = baseline_dir.load_baseline(tmp_path / "exported")
     assert document["scale"] == 2.0 and document["metadata"]["step"] == result.best_step
-    run_module, run_params, _ = B.load_baseline(workdir)
+    run_module, run_params, _ = baseline_dir.load_baseline(workdir)
     assert run_module == module
     lr = np.random.default_rng(0).random((8, 9, 7)).astype(np.float32)
     expected = B.run_baseline(module, params, lr, (16, 18, 14))
@@ -182,7 +183,8 @@ def test_baseline_config_errors(tmp_path):
     import dataclasses
 
     from arssr_jax.cli import main as cli_main
-    from arssr_jax.training import load_inference_params, train
+    from arssr_jax.training import train
+    from arssr_jax.weights import load_inference_params
 
     config = small_baseline_config()
     with pytest.raises(ArSSRError, match="scale_min == scale_max"):
@@ -199,7 +201,7 @@ def test_baseline_config_errors(tmp_path):
     with pytest.raises(ArSSRError, match="not ArSSR"):
         load_inference_params(tmp_path / "run")
     with pytest.raises(ArSSRError, match="not a baseline"):
-        B.load_baseline_run(_arssr_run(tmp_path / "arssr"))
+        baseline_dir.load_baseline_run(_arssr_run(tmp_path / "arssr"))
     assert cli_main(["train", "--workdir", str(tmp_path / "x"), "--scale", "2", "--quiet"]) == 2
     assert cli_main(["train", "--workdir", str(tmp_path / "x"), "--baseline", "DCSRN", "--quiet"]) == 2
     assert not (tmp_path / "x").exists()
@@ -214,14 +216,14 @@ def _arssr_run(workdir):
 
 def test_loading_bad_baseline_directories(tmp_path):
     with pytest.raises(ArSSRError, match="not a baseline model directory"):
-        B.load_baseline(tmp_path)
+        baseline_dir.load_baseline(tmp_path)
     (tmp_path / "config.json").write_text('{"format": "arssr-jax-model/1"}')
     (tmp_path / "params.msgpack").write_bytes(b"")
     with pytest.raises(ArSSRError, match="not a baseline config"):
-        B.load_baseline(tmp_path)
+        baseline_dir.load_baseline(tmp_path)
     other = random_params(B.build_baseline("DCSRN", TINY["DCSRN"]))
-    B.save_baseline(tmp_path / "m", "DCSRN", 3.0, other, {"growth": 5, "num_units": 2})
+    baseline_dir.save_baseline(tmp_path / "m", "DCSRN", 3.0, other, {"growth": 5, "num_units": 2})
     with pytest.raises(ArSSRError, match="do not fit"):
-        B.load_baseline(tmp_path / "m")
+        baseline_dir.load_baseline(tmp_path / "m")
     with pytest.raises(ArSSRError, match="unknown baseline"):
         B.build_baseline("EDSR")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from arssr_jax.errors import ArSSRError
-from arssr_jax.training import CheckpointStore, TrainState, load_inference_params, tiny, train
+from arssr_jax.training import CheckpointStore, TrainState, tiny, train
+from arssr_jax.weights import load_inference_params
 
 ANATOMICAL = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,6 +18,7 @@ from arssr_jax.evaluation.cli import main
 from arssr_jax.evaluation.simulate import lr_shape_for, simulate, simulate_lr
 from arssr_jax.metrics import psnr
 from arssr_jax.models import ModelConfig, baselines as B, build_model, init_params
+from arssr_jax.weights.baseline_dir import save_baseline
 from arssr_jax.weights import save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def models(tmp_path_factory):
     params = numpy_params(lambda: init_params(build_model(config), jax.random.key(0)))
     arssr = save_model(root / "arssr_tiny", config, params)
     module = B.build_baseline("SRCNN3D", SRCNN_TINY)
-    baseline = B.save_baseline(root / "srcnn_x2", "SRCNN3D", 2.0,
+    baseline = save_baseline(root / "srcnn_x2", "SRCNN3D", 2.0,
                                numpy_params(lambda: B.init_baseline(module, jax.random.key(0))), SRCNN_TINY)
     return {"arssr": str(arssr), "baseline": str(baseline), "root": root}
 

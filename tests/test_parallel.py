@@ -126,7 +126,8 @@ def _free_port():
 
 def test_two_processes_match_one_process(tmp_path):
     """2 processes x 2 CPU devices (gloo), through the whole loop and its checkpoints."""
-    from arssr_jax.training import load_inference_params, tiny, train
+    from arssr_jax.training import tiny, train
+    from arssr_jax.weights import load_inference_params
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

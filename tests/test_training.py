@@ -13,12 +13,12 @@ import pytest
 
 from arssr_jax.errors import ArSSRError
 from arssr_jax.models import predict
+from arssr_jax.weights import load_inference_params
 from arssr_jax.training import (
     OptimConfig,
     TrainConfig,
     create_train_state,
     load_config,
-    load_inference_params,
     make_optimizer,
     make_task,
     make_train_step,

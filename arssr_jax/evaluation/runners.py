@@ -24,6 +24,7 @@ import numpy as np
 
 from arssr_jax.errors import ArSSRError
 from arssr_jax.models import baselines
+from arssr_jax.weights.baseline_dir import load_baseline
 
 SCALE_TOLERANCE = 1e-6
 
@@ -58,7 +59,7 @@ def baseline_runner(spec: str, tile: int = 64) -> Runner:
     label, directory = _split(spec, ":")
     if not Path(directory).is_dir():
         raise ArSSRError(f"--baseline {spec}: {directory} is not a directory; give NAME:DIR of a trained baseline")
-    module, params, document = baselines.load_baseline(directory)
+    module, params, document = load_baseline(directory)
     label = label or document["baseline"]
     fn = lambda lr, shape: baselines.run_baseline(module, params, lr, shape, tile=tile)
     info = {"architecture": document["baseline"], "directory": str(directory)}

@@ -22,23 +22,18 @@ model is trained per scale, as in the paper. ``BASELINES`` maps name -> module c
   ``feature_dim=1``: its output is ``input + conv_end(...)``, i.e. a residual CNN
   predicting a correction of the interpolated input (global residual).
 
-Model directories of baselines: ``config.json`` = ``{"format": "arssr-jax-baseline/1",
-"baseline": name, "scale": s, "options": {...}, "metadata": {...}}`` and
-``params.msgpack`` (Flax msgpack of the params), written atomically.
+Their model directories are read and written by :mod:`arssr_jax.weights.baseline_dir`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
 
 from arssr_jax.errors import ArSSRError
 from arssr_jax.interpolation import (  # noqa: F401 (re-exported: baselines of the comparison)
@@ -52,9 +47,6 @@ from arssr_jax.interpolation import (  # noqa: F401 (re-exported: baselines of t
 from arssr_jax.models.conv import Conv3d
 from arssr_jax.models.encoders import ResCNN
 
-BASELINE_FORMAT = "arssr-jax-baseline/1"
-CONFIG_FILE = "config.json"
-PARAMS_FILE = "params.msgpack"
 
 
 # --------------------------------------------------------------------------- networks
@@ -191,84 +183,3 @@ def _jitted_apply(module):
 def run_baseline(module, params, lr, shape, *, tile: int = 64) -> np.ndarray:
     """LR volume -> tricubic onto ``shape`` -> CNN -> HR estimate (float32)."""
     return apply_baseline(module, params, tricubic(lr, shape=shape), tile=tile)
-
-
-# --------------------------------------------------------------------------- model directories
-
-
-def save_baseline(directory, name: str, scale: float, params, options: dict | None = None,
-                  metadata: dict | None = None) -> Path:
-    """Write a baseline model directory atomically (an existing one is replaced whole)."""
-    from arssr_jax.weights.model_dir import write_model_files
-
-    build_baseline(name, options)  # validate
-    document = {"format": BASELINE_FORMAT, "baseline": name, "scale": float(scale),
-                "options": dict(options or {}), "metadata": metadata or {}}
-    tree = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
-    return write_model_files(directory, document, _plain(tree))
-
-
-def _plain(tree):
-    if isinstance(tree, dict) or hasattr(tree, "items"):
-        return {k: _plain(v) for k, v in tree.items()}
-    return tree
-
-
-def is_baseline_dir(directory) -> bool:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("format") == BASELINE_FORMAT
-    except (ValueError, OSError, AttributeError):
-        return False
-
-
-def load_baseline(directory) -> tuple[nn.Module, dict, dict]:
-    """(module, params, document) of a baseline model directory, or of a training workdir
-    of a baseline (its best checkpoint); shapes checked against the config."""
-    directory = Path(directory)
-    if (directory / "train_config.json").is_file():
-        return load_baseline_run(directory)
-    config_path, params_path = directory / CONFIG_FILE, directory / PARAMS_FILE
-    if not config_path.is_file() or not params_path.is_file():
-        raise ArSSRError(f"{directory} is not a baseline model directory (needs {CONFIG_FILE} and {PARAMS_FILE})")
-    try:
-        document = json.loads(config_path.read_text())
-        if document.get("format") != BASELINE_FORMAT:
-            raise ValueError(f"format is {document.get('format')!r}, not {BASELINE_FORMAT!r}")
-        name, scale = document["baseline"], float(document["scale"])
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ArSSRError(f"{config_path} is not a baseline config ({error}); train or save the baseline again") from None
-    module = build_baseline(name, document.get("options"))
-    try:
-        params = serialization.msgpack_restore(params_path.read_bytes())
-    except Exception as error:  # msgpack raises several unrelated types
-        raise ArSSRError(f"{params_path} is damaged ({type(error).__name__}); save the baseline again") from None
-    _check_params(module, params, name, directory)
-    document["scale"] = scale
-    return module, params, document
-
-
-def load_baseline_run(workdir, step=None) -> tuple[nn.Module, dict, dict]:
-    """(module, params, document) of a baseline's training workdir: checkpoint ``step``,
-    else the best by validation L1, else the latest (``document`` as in a model directory)."""
-    from arssr_jax.training.checkpoints import load_trained
-
-    config, params, step = load_trained(workdir, step)
-    if config.baseline is None:
-        raise ArSSRError(f"{workdir} is an ArSSR training run, not a baseline; pass it as --arssr {workdir}")
-    name, options = config.baseline.name, dict(config.baseline.options)
-    module = build_baseline(name, options)
-    _check_params(module, params, name, workdir)
-    document = {"format": BASELINE_FORMAT, "baseline": name, "scale": config.baseline_scale, "options": options,
-                "metadata": {"source": str(workdir), "step": int(step), "config": config.name}}
-    return module, params, document
-
-
-def _check_params(module, params, name, where) -> None:
-    expected = jax.eval_shape(lambda: init_baseline(module, jax.random.key(0)))
-    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
-    have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    if want != have:
-        raise ArSSRError(f"parameters in {where} do not fit its {name} config; the model files are inconsistent")

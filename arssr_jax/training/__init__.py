@@ -7,7 +7,7 @@ result = train(baseline("SRCNN3D", 2.0), "runs/srcnn3d_x2", steps=200)  # a fixe
 ```
 """
 
-from arssr_jax.training.checkpoints import CheckpointStore, load_inference_params, load_trained
+from arssr_jax.training.checkpoints import CheckpointStore, load_trained
 from arssr_jax.training.config import (
     BaselineConfig,
     OptimConfig,
@@ -28,7 +28,7 @@ from arssr_jax.training.step import BaselineValidator, Validator, arssr_loss, l1
 from arssr_jax.training.tasks import ArSSRTask, BaselineTask, make_task
 
 __all__ = [
-    "CheckpointStore", "load_inference_params", "load_trained", "BaselineConfig", "baseline", "OptimConfig", "TrainConfig", "ValidationConfig", "cpu_small",
+    "CheckpointStore", "load_trained", "BaselineConfig", "baseline", "OptimConfig", "TrainConfig", "ValidationConfig", "cpu_small",
     "load_config", "paper", "sample_volume_path", "save_config", "tiny", "TrainResult", "train", "DistributedConfig",
     "initialize", "replicate", "shard", "unreplicate", "TrainState", "create_train_state", "make_optimizer",
     "BaselineValidator", "Validator", "arssr_loss", "l1_loss", "make_train_step", "ArSSRTask", "BaselineTask",

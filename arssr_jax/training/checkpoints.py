@@ -12,134 +12,40 @@ it only once everything is on disk, so a crash mid-save never touches the last g
 checkpoint (leftover temporary directories are removed when the store is reopened).
 
 :func:`load_trained` gives ``(TrainConfig, params, step)`` of a workdir's best checkpoint
-(else its latest); :func:`load_inference_params` narrows it to ``(ModelConfig, params)``
-of an ArSSR run, which is how ``--model WORKDIR`` loads a training run.
+(else its latest). The read side (layout, damage checks, parameters for inference) is
+:mod:`arssr_jax.weights.workdir`, which needs no training code.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
 
 from arssr_jax.errors import ArSSRError
+from arssr_jax.training.config import load_config
 from arssr_jax.training.state import TrainState, to_host
+from arssr_jax.weights.workdir import (
+    BEST_METRIC,
+    CHECKPOINT_DIR,
+    TRAIN_CONFIG_FILE,
+    CheckpointReader,
+    error_detail,
+    read_run_document,
+    read_run_params,
+)
 
-CHECKPOINT_DIR = "checkpoints"
-BEST_METRIC = "val_l1"
-
-# orbax logs every save at INFO/WARNING through absl; keep the console for our progress bar.
-# It also logs damage it tolerates at ERROR (an unreadable _CHECKPOINT_METADATA); damage
-# that matters raises, and is reported below in one line.
-logging.getLogger("absl").setLevel(logging.CRITICAL)
-
-# JSON files of a checkpoint step folder that must parse (when present; "state/_METADATA"
-# must be present), checked to name a damaged checkpoint without orbax's tracebacks.
-# (orbax itself tolerates an unreadable _CHECKPOINT_METADATA, so it is not checked).
-_JSON_FILES = ("metrics/metrics", "data/metadata", "state/_METADATA")
-_REQUIRED = ("state/_METADATA", "state/manifest.ocdbt")
+__all__ = ["BEST_METRIC", "CHECKPOINT_DIR", "CheckpointStore", "load_trained"]
 
 
-def find_damage(step_dir: Path) -> Optional[str]:
-    """What is visibly wrong with one checkpoint folder (a missing or unparsable metadata
-    file), or None. Damage inside the array data only shows when it is read."""
-    for name in _REQUIRED:
-        if not (step_dir / name).is_file():
-            return f"{name} is missing"
-    for name in _JSON_FILES:
-        path = step_dir / name
-        if path.is_file():
-            try:
-                json.loads(path.read_text())
-            except (OSError, ValueError) as error:
-                return f"{name} is unreadable: {type(error).__name__}"
-    return None
-
-
-def _step_dirs(directory: Path) -> list:
-    try:
-        return sorted((p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    except OSError:
-        return []
-
-
-def _detail(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:160]}" if text else type(error).__name__
-
-
-class CheckpointStore:
-    """The checkpoints of one workdir (an orbax CheckpointManager with our keep rules)."""
+class CheckpointStore(CheckpointReader):
+    """The checkpoints of one workdir, read and written (``read_only=False`` by default)."""
 
     def __init__(self, workdir, keep_last: int = 3, read_only: bool = False):
-        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
-        if read_only and not self.directory.is_dir():
-            raise ArSSRError(f"{workdir} has no {CHECKPOINT_DIR}/ folder; it is not a training workdir")
-        policy = checkpoint_managers.AnyPreservationPolicy([
-            checkpoint_managers.LatestN(n=int(keep_last)),
-            checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
-                                      keep_checkpoints_without_metrics=False),
-        ])
-        options = ocp.CheckpointManagerOptions(
-            best_fn=lambda m: m[BEST_METRIC], best_mode="min",  # also makes orbax write the metrics
-            preservation_policy=policy,
-            enable_async_checkpointing=False,
-            cleanup_tmp_directories=not read_only,
-            read_only=read_only,
-            create=not read_only,
-        )
-        self.workdir = Path(workdir)
-        try:
-            self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
-        except ArSSRError:
-            raise
-        except Exception as error:  # orbax reads every step's metadata and metrics here
-            raise self._damaged(None, error) from None
+        super().__init__(workdir, keep_last=keep_last, read_only=read_only)
 
-    def _damaged(self, step: Optional[int], error: BaseException) -> ArSSRError:
-        """The one-line error for a checkpoint that cannot be read (``step`` None: find it)."""
-        found = None
-        for step_dir in _step_dirs(self.directory):
-            if step is None or int(step_dir.name) == int(step):
-                what = find_damage(step_dir)
-                if what is not None or step is not None:
-                    found = (step_dir, what or _detail(error))
-                    break
-        if found is None:
-            return ArSSRError(f"the checkpoints in {self.directory} cannot be read ({_detail(error)}); "
-                              "remove the damaged step folder under it, or use a new --workdir")
-        step_dir, what = found
-        earlier = [p for p in _step_dirs(self.directory) if int(p.name) < int(step_dir.name)]
-        fallback = f"checkpoint {earlier[-1].name}" if earlier else "the start (no earlier checkpoint)"
-        return ArSSRError(f"checkpoint {step_dir.name} in {self.workdir} is damaged ({what}); delete {step_dir} "
-                          f"to fall back to {fallback}, or use another workdir")
-
-    # -- queries -----------------------------------------------------------------
-    def all_steps(self) -> list:
-        return list(self.manager.all_steps())
-
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
-
-    def best_step(self) -> Optional[int]:
-        """The step with the lowest validation L1, or None when no checkpoint has one."""
-        with_metrics = [s for s in self.all_steps() if self.metrics(s)]
-        if not with_metrics:
-            return None
-        return min(with_metrics, key=lambda s: (self.metrics(s)[BEST_METRIC], -s))
-
-    def metrics(self, step: int) -> Optional[dict]:
-        try:
-            return self.manager.metrics(step)
-        except Exception as error:
-            raise self._damaged(step, error) from None
-
-    # -- save / restore ------------------------------------------------------------
     def save(self, step: int, state: TrainState, data_state: Optional[dict] = None,
              metrics: Optional[dict] = None) -> None:
         """Write checkpoint ``step`` (every process must call this in a multi-process run)."""
@@ -153,9 +59,7 @@ class CheckpointStore:
     def restore(self, step: int, target: TrainState) -> Tuple[TrainState, dict]:
         """(state, data iterator state) of checkpoint ``step``, shaped like ``target``."""
         abstract = to_host(target.to_dict())
-        damage = find_damage(self.directory / str(int(step)))
-        if damage is not None:
-            raise self._damaged(step, ValueError(damage))
+        self._check_readable(step)
         try:
             restored = self.manager.restore(int(step), args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
@@ -170,7 +74,7 @@ class CheckpointStore:
             except Exception:
                 raise self._damaged(step, error) from None
             raise ArSSRError(f"checkpoint {self.directory / str(step)} does not fit this run's model/optimiser "
-                             f"({_detail(error)}); resume with the config it was made with") from None
+                             f"({error_detail(error)}); resume with the config it was made with") from None
         return TrainState.from_dict(restored["state"]), dict(data or {})
 
     def restore_raw(self, step: int) -> dict:
@@ -179,60 +83,11 @@ class CheckpointStore:
             state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
         return {"state": restored["state"], "data": dict(restored["data"] or {})}
 
-    def restore_params(self, step: int) -> dict:
-        """Only the model parameters of checkpoint ``step`` (numpy, as saved)."""
-        damage = find_damage(self.directory / str(int(step)))
-        if damage is not None:
-            raise self._damaged(step, ValueError(damage))
-        try:
-            restored = self.manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-            return _numpy_tree(restored["state"]["params"])
-        except Exception as error:
-            raise self._damaged(step, error) from None
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()  # no orbax thread may outlive the store (it would fail at exit)
-        self.manager.close()
-
-
-def _numpy_tree(tree):
-    if isinstance(tree, dict):
-        return {k: _numpy_tree(v) for k, v in tree.items()}
-    return np.asarray(tree, dtype=np.float32)
-
 
 def load_trained(workdir, step: Optional[int] = None):
     """(TrainConfig, params, step) of a training workdir: checkpoint ``step``, else the best
     by validation L1, else the latest. Parameters are numpy arrays, as saved."""
-    from arssr_jax.training.config import CONFIG_FILE, load_config
-
-    workdir = Path(workdir)
-    if not (workdir / CONFIG_FILE).is_file():
-        raise ArSSRError(f"{workdir} has no {CONFIG_FILE}; it is not a training workdir made by `arssr-jax train`")
-    config = load_config(workdir / CONFIG_FILE)
-    store = CheckpointStore(workdir, read_only=True)
-    try:
-        if step is None:
-            step = store.best_step()
-            if step is None:
-                step = store.latest_step()
-        if step is None:
-            raise ArSSRError(f"{workdir} has no checkpoint yet; train longer (checkpoints are written at each validation)")
-        if step not in store.all_steps():
-            raise ArSSRError(f"{workdir} has no checkpoint at step {step}; it has {store.all_steps()}")
-        params = store.restore_params(step)
-    finally:
-        store.close()
+    read_run_document(workdir)  # names a missing or unreadable config before orbax runs
+    config = load_config(Path(workdir) / TRAIN_CONFIG_FILE)
+    params, step = read_run_params(workdir, step)
     return config, params, step
-
-
-def load_inference_params(workdir, step: Optional[int] = None):
-    """(ModelConfig, params) of an ArSSR training workdir (see :func:`load_trained`)."""
-    from arssr_jax.weights.model_dir import check_params
-
-    config, params, step = load_trained(workdir, step)
-    if config.baseline is not None:
-        raise ArSSRError(f"{workdir} trained the fixed-scale baseline {config.baseline.name} (x{config.baseline_scale:g}), "
-                         "not ArSSR; evaluate it with eval/evaluate.py --baseline NAME:DIR")
-    check_params(config.model, params, f"{workdir} (step {step})")
-    return config.model, params

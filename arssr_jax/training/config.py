@@ -22,8 +22,10 @@ from typing import Optional, Tuple
 from arssr_jax.data import AugmentConfig, DataConfig
 from arssr_jax.errors import ArSSRError
 from arssr_jax.models import ModelConfig
+from arssr_jax.models.baselines import build_baseline
+from arssr_jax.weights.workdir import TRAIN_CONFIG_FILE
 
-CONFIG_FILE = "train_config.json"  # not config.json: that name marks a model directory
+CONFIG_FILE = TRAIN_CONFIG_FILE  # not config.json: that name marks a model directory
 FORMAT = "arssr-jax-train/1"
 
 
@@ -194,8 +196,6 @@ class TrainConfig:
         return self
 
     def _validate_baseline(self) -> None:
-        from arssr_jax.models.baselines import build_baseline
-
         build_baseline(self.baseline.name, self.baseline.options)  # names and options checked
         scale = self.data.scale_min
         if self.data.task != "baseline":

@@ -10,18 +10,18 @@ latest orbax checkpoint) or the name of a model shipped inside the package.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 from flax import serialization
 
 from arssr_jax import tempfiles
 from arssr_jax.errors import ArSSRError
-from arssr_jax.models import ArSSR, ModelConfig, build_model, count_params, init_params
+from arssr_jax.models import ArSSR, ModelConfig, build_model, count_params
+from arssr_jax.weights.params import check_params, numpy_tree
+from arssr_jax.weights.workdir import is_training_workdir, load_inference_params
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.msgpack"
@@ -33,7 +33,7 @@ DEFAULT_MODEL = "default"
 def save_model(directory, config: ModelConfig, params, metadata: dict | None = None) -> Path:
     """Write a model directory atomically; an existing directory is replaced whole."""
     document = {"format": FORMAT, "model": json.loads(config.to_json()), "metadata": metadata or {}}
-    return write_model_files(directory, document, _to_numpy(params))
+    return write_model_files(directory, document, numpy_tree(params))
 
 
 def write_model_files(directory, document: dict, params) -> Path:
@@ -102,12 +102,6 @@ def _restore_set_aside(directory: Path, parent: Path) -> None:
             return
 
 
-def _to_numpy(tree):
-    if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    return np.asarray(tree, dtype=np.float32)
-
-
 def read_model_dir(directory) -> tuple[ModelConfig, dict, dict]:
     """(config, params, metadata) of a model directory, checked against the config's shapes."""
     directory = Path(directory)
@@ -132,81 +126,6 @@ def read_model_dir(directory) -> tuple[ModelConfig, dict, dict]:
     return config, params, metadata if isinstance(metadata, dict) else {}
 
 
-def check_params(config: ModelConfig, params, source: str) -> None:
-    """Raise ArSSRError unless ``params`` has exactly the tree and shapes ``config`` builds."""
-    import jax
-
-    want = expected_shapes(config)
-    have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    if want != have:
-        missing = sorted(set(want) - set(have))
-        wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-        detail = f"missing {missing[0]}" if missing else f"{wrong[0]} has shape {have[wrong[0]]}, expected {want[wrong[0]]}" if wrong else f"unexpected {sorted(set(have) - set(want))[0]}"
-        raise ArSSRError(f"parameters in {source} do not fit its config ({detail}); the model files are inconsistent")
-    check_finite(params, source)
-
-
-def cache_folder() -> str | None:
-    """The folder for what a later process may reuse (XLA's compiled programs, parameter shapes):
-    ARSSR_JAX_CACHE, default ~/.cache/arssr-jax/xla; None when it is "off"."""
-    folder = os.environ.get("ARSSR_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "arssr-jax", "xla"))
-    return None if folder.lower() in ("", "0", "off", "none") else folder
-
-
-def _models_digest() -> str:
-    """Hash of the model code and the library versions the parameter shapes depend on."""
-    import flax
-    import jax
-
-    digest = hashlib.sha256(f"{jax.__version__} {flax.__version__}".encode())
-    for source in sorted(Path(build_model.__code__.co_filename).parent.glob("*.py")):
-        digest.update(source.name.encode() + source.read_bytes())
-    return digest.hexdigest()
-
-
-def expected_shapes(config: ModelConfig) -> dict:
-    """{parameter path: shape} that ``config`` builds. Tracing the model's initialisation for this
-    costs about half a second, so the answer is kept in the cache folder, keyed by the config and a
-    hash of the model code (any change to either computes it afresh)."""
-    import jax
-
-    folder = cache_folder()
-    path = None
-    if folder is not None:
-        key = hashlib.sha256((config.to_json() + _models_digest()).encode()).hexdigest()[:40]
-        path = Path(folder) / f"arssr-param-shapes-{key}.json"
-        try:
-            cached = json.loads(path.read_text())
-            return {k: tuple(v) for k, v in cached.items()}
-        except (OSError, ValueError, AttributeError, TypeError):
-            pass  # absent or unreadable: computed below
-    expected = jax.eval_shape(lambda: init_params(build_model(config), jax.random.key(0)))
-    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
-    if path is not None:
-        staging = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfiles.make_temp(path.parent, path.name))
-            staging.write_text(json.dumps(want))
-            os.replace(staging, path)
-        except OSError:
-            if staging is not None:
-                staging.unlink(missing_ok=True)  # a read-only or full cache costs time, never a result
-    return want
-
-
-def check_finite(params, source: str) -> None:
-    """Raise ArSSRError naming the first parameter that holds NaN or Inf (it would make every output NaN)."""
-    import jax
-
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        values = np.asarray(leaf)
-        if values.dtype.kind in "fc" and not np.all(np.isfinite(values)):
-            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-            raise ArSSRError(f"parameters in {source}: {jax.tree_util.keystr(path)} holds {bad} NaN/Inf value(s); "
-                             "the weights are damaged, use another model or re-create this one")
-
-
 def available_models() -> list[str]:
     """Names of the models shipped inside the package."""
     if not PRETRAINED_DIR.is_dir():
@@ -222,9 +141,7 @@ def load_model(spec=None) -> tuple[ArSSR, dict, ModelConfig]:
         _restore_set_aside(path, path.parent)  # a save killed between its two renames
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         config, params, _ = read_model_dir(path)
-    elif path.is_dir() and _is_training_workdir(path):
-        from arssr_jax.training.checkpoints import load_inference_params
-
+    elif path.is_dir() and is_training_workdir(path):
         config, params = load_inference_params(path)
     elif str(spec) in available_models():
         config, params, _ = read_model_dir(PRETRAINED_DIR / str(spec))
@@ -236,10 +153,6 @@ def load_model(spec=None) -> tuple[ArSSR, dict, ModelConfig]:
         names = ", ".join(available_models()) or "none shipped"
         raise ArSSRError(f"model {spec!r} not found: give a model directory, a training workdir or a shipped name ({names})")
     return build_model(config), params, config
-
-
-def _is_training_workdir(path: Path) -> bool:
-    return (path / "checkpoints").is_dir()
 
 
 def describe(config: ModelConfig, params) -> str:
