@@ -144,3 +144,18 @@ def test_two_slurm_tasks_form_one_run(tmp_path):
     assert records[0]["processes"] == 2 and records[0]["local_devices"] == 2
     assert records[-1]["event"] == "end" and records[-1]["step"] == 3
 
+    # process 0 alone wrote the shared files: one event file (with tensorboardX), the curves
+    assert (workdir / "curves.png").is_file()
+    events = sorted(workdir.glob("events.out.tfevents.*"))
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        assert not events
+    else:
+        assert len(events) == 1
+        from arssr_jax.training.events import read_scalars
+
+        scalars = read_scalars(workdir)
+        assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]  # tiny logs every step
+        assert [s for s, _ in scalars["val/psnr"]] == [3]
+        assert scalars["interpolation/psnr"][0][1] == pytest.approx(records[0]["interpolation"]["val_psnr"], rel=1e-6)

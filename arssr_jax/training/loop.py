@@ -9,7 +9,11 @@ Workdir layout::
 
     WORKDIR/train_config.json the run's full TrainConfig (JSON)
     WORKDIR/log.jsonl        one JSON record per log interval / validation
+    WORKDIR/events.out.tfevents.*  the same scalars for TensorBoard (with tensorboardX; ``events``)
+    WORKDIR/curves.png       loss, learning rate, validation PSNR per scale (``arssr_jax.curves``)
     WORKDIR/checkpoints/     orbax checkpoints (see ``checkpoints``)
+
+Only the main process (process 0) writes these files; every process reads the checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Optional
 
 import jax
 
+from arssr_jax.curves import LOG_FILE, PLOT_FILE
 from arssr_jax.data import load_volumes, make_train_iterator, validation_samples
 from arssr_jax.data.volumes import check_patch_fits
 from arssr_jax.errors import ArSSRError
@@ -31,12 +36,12 @@ from arssr_jax.models import count_params
 from arssr_jax.training import parallel
 from arssr_jax.training.checkpoints import CheckpointStore
 from arssr_jax.training.config import CONFIG_FILE, TrainConfig, config_differences, load_config, save_config
+from arssr_jax.training.events import EventLog
 from arssr_jax.training.lock import WorkdirLock
 from arssr_jax.training.state import create_train_state, make_optimizer
 from arssr_jax.training.step import make_train_step
 from arssr_jax.training.tasks import make_task
 
-LOG_FILE = "log.jsonl"
 
 
 @dataclasses.dataclass
@@ -52,13 +57,15 @@ class TrainResult:
 
 
 class RunLog:
-    """``log.jsonl`` (main process only) and console lines (unless quiet)."""
+    """``log.jsonl``, TensorBoard event files (main process only) and console lines (unless quiet)."""
 
-    def __init__(self, workdir: Path, enabled: bool, quiet: bool):
+    def __init__(self, workdir: Path, enabled: bool, quiet: bool, start_step: int = 0):
         self.enabled = enabled
         self.quiet = quiet or not enabled
         self.bar = None
+        self.workdir = workdir
         self._file = open(workdir / LOG_FILE, "a") if enabled else None
+        self.events = EventLog(workdir, start_step) if enabled else None
 
     def record(self, **values) -> None:
         if self._file is not None:
@@ -73,11 +80,32 @@ class RunLog:
         else:
             print(text, flush=True)
 
+    def scalars(self, step: int, values: dict) -> None:
+        if self.events is not None:
+            self.events.scalars(step, values)
+
+    def plot(self) -> None:
+        """``WORKDIR/curves.png`` from the log (one line if it cannot be drawn; never fails the run)."""
+        if not self.enabled:
+            return
+        try:
+            from arssr_jax.curves import plot_curves
+
+            path = plot_curves(self.workdir)
+        except ImportError as error:
+            self.say(f"no {PLOT_FILE}: {error.name or 'matplotlib'} is not installed")
+        except (ArSSRError, OSError, ValueError, RuntimeError) as error:
+            self.say(f"no {PLOT_FILE}: {error}")
+        else:
+            self.say(f"training curves: {path} (arssr-jax plot {self.workdir} redraws them)")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self._file is not None:
             self._file.close()
+        if self.events is not None:
+            self.events.close()
 
 
 def _by_scale(metrics: dict) -> str:
@@ -141,7 +169,7 @@ def prepare_workdir(config: TrainConfig, workdir, lock: bool = True):
 
 def build_validator(config: TrainConfig, task, train_volumes, val_volumes=None):
     source = val_volumes if val_volumes is not None else (config.val.paths or train_volumes)
-    volumes = load_volumes(source)
+    volumes = load_volumes(source, cache_dir=config.data.cache_dir)
     if config.val.max_volumes is not None:
         volumes = type(volumes)(volumes.arrays[:config.val.max_volumes], volumes.names[:config.val.max_volumes])
     samples = validation_samples(volumes, config.data, scales=config.val.scales,
@@ -167,7 +195,8 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
     check_workdir(config, workdir)
     # Everything that can be refused is checked before the workdir is touched, so a refused
     # run leaves nothing behind (a half-made workdir would then refuse every other config).
-    train_volumes = load_volumes(volumes if volumes is not None else config.data.paths)
+    train_volumes = load_volumes(volumes if volumes is not None else config.data.paths,
+                                 cache_dir=config.data.cache_dir, progress=not quiet)
     check_patch_fits(train_volumes, config.data.patch_size)
     steps_per_epoch = config.data.steps_per_epoch(len(train_volumes))
     total = config.total_steps(steps_per_epoch)
@@ -188,7 +217,7 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
             if int(state.step) != start or int(data_state.get("step", start)) != start:
                 raise ArSSRError(f"checkpoint {start} in {workdir} is inconsistent (state step {int(state.step)}, "
                                  f"data step {data_state.get('step')}); remove it to resume from an earlier one")
-        log = RunLog(workdir, enabled=main, quiet=quiet)
+        log = RunLog(workdir, enabled=main, quiet=quiet, start_step=start)
         interpolation = validator.interpolation()
         interp_name = validator.interpolation_name
         iterator = make_train_iterator(config.data, train_volumes, start_step=start)
@@ -199,6 +228,8 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
                 f"global batch {config.data.batch_size} = {jax.process_count()} process(es) x "
                 f"{jax.local_device_count()} device(s) x {per_device}; {steps_per_epoch} steps/epoch; "
                 + (f"resuming at step {start} of {total}" if start else f"{total} steps") + f"; workdir {workdir}")
+        if log.events is not None:
+            log.say(log.events.message)
         if not start:
             log.record(step=0, event="start", config=config.name, parameters=count_params(state.params),
                        steps_per_epoch=steps_per_epoch, total_steps=total, interpolation=interpolation,
@@ -271,6 +302,8 @@ def _run(config, task, tx, schedule, state, iterator, validator, store, log, *, 
             mean_loss = window["loss"] / window["n"]
             log.record(step=step_no, epoch=round(step_no / steps_per_epoch, 4), loss=mean_loss, lr=window["lr"],
                        grad_norm=window["grad_norm"] / window["n"], samples_per_s=rate, time=time.time())
+            log.scalars(step_no, {"train/loss": mean_loss, "train/lr": window["lr"],
+                                  "train/grad_norm": window["grad_norm"] / window["n"], "train/samples_per_s": rate})
             log.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{window['lr']:.2e}",
                                 samples_s=f"{rate:.1f}" if rate else "-", refresh=False)
             window.update(loss=0.0, grad_norm=0.0, n=0, timed=0, t0=now, paused=0.0)
@@ -295,6 +328,8 @@ def _run(config, task, tx, schedule, state, iterator, validator, store, log, *, 
                 last_saved = step_no
                 window["paused"] += time.perf_counter() - paused_at  # not training time
                 log.record(step=step_no, epoch=round(step_no / steps_per_epoch, 4), event="validation", **validation)
+                if log.events is not None:
+                    log.events.validation(step_no, validation, interpolation, validator.interpolation_name)
                 log.say(f"step {step_no}: val L1 {validation.get('val_l1', float('nan')):.4f}, PSNR "
                         f"{validation.get('val_psnr', float('nan')):.2f} dB ({_by_scale(validation)}); checkpoint saved")
     except KeyboardInterrupt:
@@ -315,4 +350,5 @@ def _run(config, task, tx, schedule, state, iterator, validator, store, log, *, 
     log.bar.close()
     log.say(f"done: step {step_no}, best checkpoint step {best}"
             + (f", {rate:.1f} samples/s" if rate else ""))
+    log.plot()
     return TrainResult(workdir, step_no, total, steps_per_epoch, best, validation, interpolation, rate)
