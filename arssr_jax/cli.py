@@ -7,6 +7,7 @@ traceback, and never a partial output file.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -226,6 +227,27 @@ def _add_export(commands) -> None:
     export.set_defaults(run=_export)
 
 
+def _plot(args) -> None:
+    from arssr_jax.curves import plot_curves  # numpy + matplotlib only, not the training stack
+
+    path = plot_curves(args.workdir, args.out)
+    if not args.quiet:
+        print(f"wrote {path}")
+
+
+def _add_plot(commands) -> None:
+    plot = commands.add_parser(
+        "plot", help="draw a training run's curves (loss, learning rate, validation PSNR per scale) into a PNG",
+        description="Read WORKDIR/log.jsonl and draw the training loss (log scale), the learning rate and the "
+        "validation PSNR per scale, each over its interpolation bar (dashed), into a PNG. A run draws "
+        "WORKDIR/curves.png itself when it ends; this redraws it at any time, also while the run goes on.",
+    )
+    plot.add_argument("workdir", help="a training workdir (or its log.jsonl)")
+    plot.add_argument("--out", default=None, metavar="PNG", help="where to write the PNG (default: WORKDIR/curves.png)")
+    plot.add_argument("--quiet", action="store_true")
+    plot.set_defaults(run=_plot)
+
+
 def _demo(args) -> None:
     from arssr_jax.demo import run_demo
 
@@ -270,6 +292,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_upsample(commands)
     _add_demo(commands)
     _add_export(commands)
+    _add_plot(commands)
     if command in (None, "train"):
         from arssr_jax.training.cli import add_subcommand as add_train
 
@@ -348,6 +371,9 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         restore.append(signal.signal(signal.SIGTERM, _on_sigterm))
     _install_quiet_unraisable()
+    # orbax logs every checkpoint save and read through absl (INFO and WARNING, and damage it
+    # tolerates at ERROR); the console is for our progress lines. Damage that matters raises.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         if args.command in ("upsample", "demo", "train"):
             enable_compilation_cache()

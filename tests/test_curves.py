@@ -2,11 +2,14 @@
 event files (tensorboardX) hold the scalars written."""
 
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from arssr_jax.cli import main
 from arssr_jax.curves import FIGSIZE, DPI, plot_curves, read_log
 
 
@@ -66,6 +69,38 @@ def test_plot_writes_a_png(tmp_path):
          "interpolation_name": "tricubic"},
         {"step": 1, "loss": 0.0, "lr": 1e-4}, {"step": 2, "loss": 0.5, "lr": 1e-4}])
     assert _png_shape(plot_curves(one / "log.jsonl", tmp_path / "baseline.png"))[:2] == (420, 1500)
+
+
+def test_plot_command(tmp_path, capsys):
+    _write_log(tmp_path / "log.jsonl", _run_records())
+    out = tmp_path / "out.png"
+    assert main(["plot", str(tmp_path), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    assert _png_shape(out)[2] in (3, 4)
+
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["plot", str(empty)]) == 2
+    assert "log.jsonl does not exist" in capsys.readouterr().err
+    (empty / "log.jsonl").write_text(json.dumps({"step": 0, "event": "start"}) + "\n")
+    assert main(["plot", str(empty)]) == 2
+    assert "no training records yet" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "no" / "such" / "dir.png")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_plot_command_imports_neither_jax_nor_training(tmp_path):
+    _write_log(tmp_path / "log.jsonl", _run_records())
+    code = ("import sys\nfrom arssr_jax.cli import main\n"
+            f"assert main(['plot', {str(tmp_path)!r}, '--quiet']) == 0\n"
+            "print(sorted(m for m in ('jax', 'arssr_jax.training', 'orbax.checkpoint', 'tensorboardX') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert (tmp_path / "curves.png").is_file()
 
 
 def test_event_files_hold_the_scalars(tmp_path):
