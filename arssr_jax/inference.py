@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ from arssr_jax.intensity import Normalisation
 from arssr_jax.models import ArSSR, ModelConfig, decode_in_blocks, default_decode_block, encode
 from arssr_jax.progress import progress_bar
 from arssr_jax.spline import PREFILTER_RADIUS
+from arssr_jax.tiling import choose_tile_core, tiled_apply
 
 BYTES = 4  # float32
 
@@ -91,62 +91,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-# --------------------------------------------------------------------------- tiling
-
-
-@dataclass(frozen=True)
-class Tile:
-    read: tuple  # slices of the LR volume the encoder sees (core + halo, clipped)
-    core: tuple  # slices of the LR volume this tile's output fills
-    crop: tuple  # slices of the tile's output that are its core
-
-
-def plan_tiles(shape, core, halo) -> list[Tile]:
-    """Cover ``shape`` with cores of ``core`` voxels per axis, each read with ``halo`` around it.
-
-    Every tile reads a window of the same size, min(n, core + 2 halo) per axis: windows at
-    the volume's edge are shifted inward rather than clipped, so one compiled encoder
-    serves all tiles. A shifted window still holds its core's whole receptive field, or
-    reaches the volume's true border, where the convolutions' zero padding applies.
-    """
-    per_axis = []
-    for n, c in zip(shape, core):
-        c = max(1, min(int(c), n))
-        window = min(n, c + 2 * halo)
-        axis = []
-        for start in range(0, n, c):
-            stop = min(start + c, n)
-            lo = min(max(0, start - halo), n - window)
-            axis.append((slice(lo, lo + window), slice(start, stop), slice(start - lo, stop - lo)))
-        per_axis.append(axis)
-    return [
-        Tile(*(tuple(part[k] for part in parts) for k in range(3)))
-        for index in np.ndindex(*[len(a) for a in per_axis])
-        for parts in [[per_axis[axis][i] for axis, i in enumerate(index)]]
-    ]
-
-
-def choose_tile_core(shape, halo, max_tile_voxels, max_tiles_per_axis=8) -> tuple:
-    """Tile cores that cover ``shape`` with the least encoder work (tiles x window voxels)
-    while each window (core + halo, clipped to the volume) fits ``max_tile_voxels``.
-
-    With a large halo (RDN: 28 voxels) small cubic tiles would mostly re-encode halos, so
-    every split of 1..max_tiles_per_axis tiles per axis is weighed; the volume itself when it fits.
-    """
-    if math.prod(shape) <= max_tile_voxels:
-        return tuple(shape)
-    best = None
-    for counts in np.ndindex(*(min(n, max_tiles_per_axis) for n in shape)):
-        cores = [math.ceil(n / (c + 1)) for n, c in zip(shape, counts)]
-        windows = [min(n, core + 2 * halo) for n, core in zip(shape, cores)]
-        if math.prod(windows) > max_tile_voxels:
-            continue
-        work = math.prod(math.ceil(n / core) for n, core in zip(shape, cores)) * math.prod(windows)
-        if best is None or work < best[0]:
-            best = (work, tuple(cores))
-    if best is None:  # nothing fits: the smallest windows the split allows
-        return tuple(max(1, math.ceil(n / max_tiles_per_axis)) for n in shape)
-    return best[1]
+# --------------------------------------------------------------------------- encoding
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -170,13 +115,8 @@ def encode_volume(model: ArSSR, params, volume, tile=None, max_tile_bytes=None, 
         core = (int(tile),) * 3 if np.ndim(tile) == 0 else tuple(int(t) for t in tile)
         if len(core) != 3 or min(core) < 1:
             raise ArSSRError(f"--tile must be a positive number of LR voxels (or three), got {tile}")
-    tiles = plan_tiles(shape, core, halo)
-    features = np.empty(shape + (config.encoded_channels,), np.float32)
-    volume = np.asarray(volume, np.float32)
-    for t in progress_bar(tiles, desc="encode", unit="tile", enabled=progress and len(tiles) > 1):
-        out = _encode_one(model, params, jnp.asarray(volume[t.read]))
-        features[t.core] = np.asarray(out[t.crop])
-    return features
+    return tiled_apply(lambda window: _encode_one(model, params, jnp.asarray(window)), volume, core, halo,
+                       channels=config.encoded_channels, progress=progress, desc="encode")
 
 
 # --------------------------------------------------------------------------- decoding

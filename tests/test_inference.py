@@ -9,7 +9,7 @@ import pytest
 import torch
 from nibabel.affines import apply_affine
 
-from arssr_jax import inference
+from arssr_jax import inference, tiling
 from arssr_jax.cli import main
 from arssr_jax.coords import grid_for_scale, grid_for_voxel_size, grid_like, make_grid
 from arssr_jax.inference import encode_volume, upsample, upsample_nifti
@@ -156,7 +156,7 @@ def test_tiled_encoding_equals_untiled(config):
     model = build_model(config)
     params = init_params(model, jax.random.key(1))
     volume = rng_volume((28, 26, 12), seed=5)
-    tiles = inference.plan_tiles(volume.shape, (6, 5, 12), inference.receptive_radius(config))
+    tiles = tiling.plan_tiles(volume.shape, (6, 5, 12), inference.receptive_radius(config))
     assert len(tiles) == 30 and tiles[0].read[0].stop < 28 and tiles[0].read[1].stop < 26  # real halos
     before = inference._encode_one._cache_size()
     tiled = encode_volume(model, params, volume, tile=(6, 5, 12))
@@ -307,7 +307,7 @@ def test_missing_model_is_a_clear_error(capsys, lr_file, tmp_path):
 
 def test_tile_choice_fits_the_budget_without_drowning_in_halos():
     shape, halo, budget = (91, 109, 91), 28, 650_000
-    tiles = inference.plan_tiles(shape, inference.choose_tile_core(shape, halo, budget), halo)
+    tiles = tiling.plan_tiles(shape, tiling.choose_tile_core(shape, halo, budget), halo)
     windows = [int(np.prod([s.stop - s.start for s in t.read])) for t in tiles]
     assert max(windows) <= budget
     assert sum(windows) <= 4 * np.prod(shape)  # small cubes would re-encode halos ~40 times over
@@ -315,7 +315,7 @@ def test_tile_choice_fits_the_budget_without_drowning_in_halos():
     for t in tiles:
         covered[t.core] += 1
     assert np.all(covered == 1)
-    assert inference.choose_tile_core(shape, halo, 10**7) == shape
+    assert tiling.choose_tile_core(shape, halo, 10**7) == shape
 
 
 def test_bfloat16_compute_stays_within_one_percent_of_float32():
@@ -337,3 +337,24 @@ def test_bfloat16_compute_stays_within_one_percent_of_float32():
     assert np.linalg.norm(error) / np.linalg.norm(full) < 1e-2
     assert np.quantile(error, 0.999) < 1e-2 * np.ptp(full)
     assert 0 < error.max()  # bf16 really was used
+
+
+def test_a_window_that_spans_an_axis_is_one_tile_along_it():
+    tiles = tiling.plan_tiles((10, 40, 7), 4, 3)
+    assert len(tiles) == 1 * 10 * 1  # 4 + 2*3 = 10 spans axis 0 (and 7), not axis 1
+    covered = np.zeros((10, 40, 7), int)
+    for t in tiles:
+        covered[t.core] += 1
+        assert [s.stop - s.start for s in t.read] == [10, 10, 7]
+    assert np.all(covered == 1)
+
+
+def test_tiled_apply_equals_the_whole_volume_for_a_local_operator():
+    from scipy import ndimage
+
+    volume = rng_volume((23, 17, 9), seed=3)
+    box = lambda v: ndimage.uniform_filter(np.asarray(v, np.float64), size=5, mode="constant")  # radius 2
+    whole = box(volume)
+    tiled = tiling.tiled_apply(box, volume, (5, 4, 3), halo=2)
+    np.testing.assert_allclose(tiled, whole, rtol=1e-6, atol=1e-7)
+    assert np.abs(tiling.tiled_apply(box, volume, (5, 4, 3), halo=1) - whole).max() > 1e-3  # too small a halo shows

@@ -46,6 +46,7 @@ from arssr_jax.interpolation import (  # noqa: F401 (re-exported: baselines of t
 )
 from arssr_jax.models.conv import Conv3d
 from arssr_jax.models.encoders import ResCNN
+from arssr_jax.tiling import tiled_apply
 
 
 
@@ -133,24 +134,7 @@ def init_baseline(module: nn.Module, rng, shape=(8, 8, 8)) -> dict:
 # --------------------------------------------------------------------------- applying
 
 
-def _windows(n: int, core: int, halo: int) -> list[tuple[int, int, int, int]]:
-    """(window_start, window_stop, core_start, core_stop) covering [0, n) with fixed-size windows.
-
-    Every window has size min(n, core + 2 halo); each core lies at least ``halo``
-    voxels inside its window unless the window edge is the volume edge, so a network
-    of receptive radius <= halo gives exactly its full-volume output on the core.
-    """
-    size = min(n, core + 2 * halo)
-    core = max(1, size - 2 * halo) if size < n else n
-    out = []
-    for start in range(0, n, core):
-        stop = min(n, start + core)
-        ws = min(max(start - halo, 0), n - size)
-        out.append((ws, ws + size, start, stop))
-    return out
-
-
-def apply_baseline(module: nn.Module, params, volume, *, tile: int = 64, batch_size: int = 1) -> np.ndarray:
+def apply_baseline(module: nn.Module, params, volume, *, tile: int = 64) -> np.ndarray:
     """Run a baseline CNN on a 3D (cubic-upsampled) volume in overlapping tiles.
 
     Tiles have a halo of the network's receptive radius, so the result equals the
@@ -159,19 +143,9 @@ def apply_baseline(module: nn.Module, params, volume, *, tile: int = 64, batch_s
     volume = np.asarray(volume, np.float32)
     if volume.ndim != 3:
         raise ArSSRError(f"baseline input must be a 3D volume, got shape {volume.shape}")
-    halo = module.receptive_radius()
-    axes = [_windows(n, tile, halo) for n in volume.shape]
     fn = _jitted_apply(module)
-    out = np.empty(volume.shape, np.float32)
-    jobs = [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
-    for first in range(0, len(jobs), batch_size):
-        group = jobs[first:first + batch_size]
-        crops = np.stack([volume[a[0]:a[1], b[0]:b[1], c[0]:c[1]] for a, b, c in group])
-        pred = np.asarray(fn(params, jnp.asarray(crops[..., None])))[..., 0]
-        for (a, b, c), p in zip(group, pred):
-            out[a[2]:a[3], b[2]:b[3], c[2]:c[3]] = p[a[2] - a[0]:a[3] - a[0], b[2] - b[0]:b[3] - b[0],
-                                                      c[2] - c[0]:c[3] - c[0]]
-    return out
+    return tiled_apply(lambda window: fn(params, jnp.asarray(window[None, ..., None]))[0, ..., 0],
+                       volume, tile, module.receptive_radius())
 
 
 @functools.lru_cache(maxsize=16)
