@@ -258,3 +258,21 @@ def dataclass_replace(config, **changes):
     import dataclasses
 
     return dataclasses.replace(config, **changes)
+
+
+def test_cache_folder_is_not_part_of_a_run(tmp_path):
+    """Moving the cache changes no batch, so a run resumes with another cache_dir."""
+    from arssr_jax.training.config import TrainConfig, config_differences, tiny
+
+    config = tiny(data_paths=("x.nii",))
+    moved = config.replace(data=dataclass_replace(config.data, cache_dir=str(tmp_path)))
+    assert config_differences(config, moved) == []
+    assert TrainConfig.from_dict(json_roundtrip(moved.to_dict())).data.cache_dir == str(tmp_path)
+    off = config.replace(data=dataclass_replace(config.data, cache_dir=None))
+    assert TrainConfig.from_dict(json_roundtrip(off.to_dict())).data.cache_dir is None
+
+
+def json_roundtrip(values):
+    import json
+
+    return json.loads(json.dumps(values))

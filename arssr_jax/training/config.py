@@ -410,8 +410,10 @@ def save_config(config: TrainConfig, workdir) -> Path:
     return path
 
 
-def config_differences(a: TrainConfig, b: TrainConfig, ignore=("steps", "epochs", "log_every")) -> list:
-    """Dotted names of the fields where two configs differ (run-length fields ignored)."""
+def config_differences(a: TrainConfig, b: TrainConfig,
+                       ignore=("steps", "epochs", "log_every", "data.cache_dir")) -> list:
+    """Dotted names of the fields where two configs differ (run-length fields and the volume
+    cache's folder, which changes no batch, ignored)."""
 
     def flat(d, prefix=""):
         out = {}
