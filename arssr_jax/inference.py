@@ -21,50 +21,19 @@ import numpy as np
 from arssr_jax import coords as grids
 from arssr_jax.errors import ArSSRError
 from arssr_jax.intensity import Normalisation
-from arssr_jax.models import ArSSR, ModelConfig, decode_in_blocks, default_decode_block, encode
+from arssr_jax.models import (
+    ArSSR,
+    ModelConfig,
+    activation_bytes_per_voxel,
+    decode_in_blocks,
+    default_decode_block,
+    encode,
+    receptive_radius,
+)
 from arssr_jax.progress import progress_bar
-from arssr_jax.spline import PREFILTER_RADIUS
 from arssr_jax.tiling import choose_tile_core, tiled_apply
 
 BYTES = 4  # float32
-
-
-# --------------------------------------------------------------------------- model sizes
-
-
-def receptive_radius(config: ModelConfig) -> int:
-    """Voxels an encoded voxel depends on along each axis, each side: the encoder's chain of
-    3^3 convs, and in residual mode also the spline prefilter's reach."""
-    radius = _encoder_radius(config)
-    return max(radius, PREFILTER_RADIUS) if config.residual == "tricubic" else radius
-
-
-def _encoder_radius(config: ModelConfig) -> int:
-    options = {**_encoder_defaults(config.encoder), **dict(config.encoder_options)}
-    if config.encoder == "RDN":
-        return 4 + options["num_blocks"] * options["num_layers"]  # sfe1, sfe2, gff_1, output
-    if config.encoder == "ResCNN":
-        return 2 + options["num_blocks"] * options["convs_per_block"]
-    return 3 + 2 * options["num_blocks"]  # SRResNet: head, body_end, tail
-
-
-def _encoder_defaults(name: str) -> dict:
-    from arssr_jax.models import ENCODERS
-
-    module = ENCODERS[name]
-    return {f: getattr(module, f) for f in module.__dataclass_fields__ if f not in ("parent", "name")}
-
-
-def activation_bytes_per_voxel(config: ModelConfig) -> int:
-    """A generous bound on the encoder's live activations per voxel (XLA temporaries included)."""
-    o = {**_encoder_defaults(config.encoder), **dict(config.encoder_options)}
-    if config.encoder == "RDN":
-        channels = (o["num_blocks"] + 2) * o["num_features"] + o["num_layers"] * o["growth"] + config.feature_dim
-    else:
-        channels = 4 * o["num_features"] + config.feature_dim
-    if config.residual == "tricubic":  # the prefilter's window of 2 * radius + 1 taps
-        channels = max(channels, 2 * PREFILTER_RADIUS + 1 + config.encoded_channels)
-    return 2 * BYTES * channels
 
 
 # --------------------------------------------------------------------------- memory

@@ -13,7 +13,8 @@ from arssr_jax.data.samples import make_patch, random_contrast, rician
 from arssr_jax.data.volumes import normalise_volume
 from arssr_jax.errors import ArSSRError
 from arssr_jax.evaluation.protocol import band_errors, band_index, head_mask
-from arssr_jax.inference import receptive_radius, upsample
+from arssr_jax.inference import upsample
+from arssr_jax.models import receptive_radius
 from arssr_jax.intensity import Normalisation
 from arssr_jax.interpolation import tricubic
 from arssr_jax.metrics import psnr, ssim

@@ -13,6 +13,7 @@ from arssr_jax import inference, tiling
 from arssr_jax.cli import main
 from arssr_jax.coords import grid_for_scale, grid_for_voxel_size, grid_like, make_grid
 from arssr_jax.inference import encode_volume, upsample, upsample_nifti
+from arssr_jax.models import receptive_radius
 from arssr_jax.models import ModelConfig, build_model, init_params, predict
 from arssr_jax.weights import convert_state_dict, save_model
 from torch_reference import make_reference
@@ -156,7 +157,7 @@ def test_tiled_encoding_equals_untiled(config):
     model = build_model(config)
     params = init_params(model, jax.random.key(1))
     volume = rng_volume((28, 26, 12), seed=5)
-    tiles = tiling.plan_tiles(volume.shape, (6, 5, 12), inference.receptive_radius(config))
+    tiles = tiling.plan_tiles(volume.shape, (6, 5, 12), receptive_radius(config))
     assert len(tiles) == 30 and tiles[0].read[0].stop < 28 and tiles[0].read[1].stop < 26  # real halos
     before = inference._encode_one._cache_size()
     tiled = encode_volume(model, params, volume, tile=(6, 5, 12))
@@ -174,7 +175,7 @@ def test_receptive_radius_is_exact():
     bumped[12, 4, 4] += 1.0
     diff = np.abs(encode_volume(model, params, bumped) - encode_volume(model, params, volume)).max(axis=(1, 2, 3))
     changed = np.nonzero(diff > 0)[0]
-    radius = inference.receptive_radius(TINY)
+    radius = receptive_radius(TINY)
     assert changed.min() == 12 - radius and changed.max() == 12 + radius
 
 

@@ -75,3 +75,26 @@ def test_bad_config_is_refused():
         ModelConfig(padding="reflect")
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"encoder": "RDN", "depth": 3})
+
+
+@pytest.mark.parametrize("encoder,options", [
+    ("RDN", {"num_blocks": 2, "num_layers": 2, "num_features": 4, "growth": 4}),
+    ("ResCNN", {"num_blocks": 2, "convs_per_block": 2, "num_features": 4}),
+    ("SRResNet", {"num_blocks": 2, "num_features": 4}),
+])
+def test_each_encoder_knows_its_receptive_radius(encoder, options):
+    """A unit impulse spreads exactly receptive_radius() voxels each side, no further."""
+    from arssr_jax.models import build_encoder, receptive_radius
+
+    config = ModelConfig(encoder=encoder, feature_dim=4, decoder_depth=4, decoder_width=4, encoder_options=options)
+    module = build_encoder(config)
+    n = 2 * module.receptive_radius() + 9
+    params = module.init(jax.random.key(0), jnp.zeros((1, n, n, n, 1)))
+    params = jax.tree_util.tree_map(lambda x: jnp.abs(x) + 0.1, params)  # positive: nothing cancels, ReLUs open
+    impulse = jnp.zeros((1, n, n, n, 1)).at[0, n // 2, n // 2, n // 2, 0].set(1.0)
+    response = np.abs(np.asarray(module.apply(params, impulse) - module.apply(params, jnp.zeros_like(impulse))))
+    line = response[0, :, n // 2, n // 2].max(axis=-1)
+    reach = np.nonzero(line > 1e-4 * line.max())[0]  # above float32 rounding of the bias-driven output
+    assert n // 2 - reach.min() == module.receptive_radius() == reach.max() - n // 2
+    assert receptive_radius(config) == module.receptive_radius()
+    assert receptive_radius(config.replace(residual="tricubic")) >= 16

@@ -3,6 +3,8 @@
 from arssr_jax.models.arssr import (
     ArSSR,
     ModelConfig,
+    activation_bytes_per_voxel,
+    build_encoder,
     build_model,
     count_params,
     decode,
@@ -11,12 +13,13 @@ from arssr_jax.models.arssr import (
     encode,
     init_params,
     predict,
+    receptive_radius,
 )
 from arssr_jax.models.decoder import Decoder
 from arssr_jax.models.encoders import ENCODERS, RDN, ResCNN, SRResNet
 
 __all__ = [
-    "ArSSR", "ModelConfig", "build_model", "count_params", "decode", "decode_in_blocks",
+    "ArSSR", "ModelConfig", "activation_bytes_per_voxel", "build_encoder", "build_model", "count_params", "decode", "decode_in_blocks",
     "default_decode_block", "encode", "init_params",
-    "predict", "Decoder", "ENCODERS", "RDN", "ResCNN", "SRResNet",
+    "predict", "receptive_radius", "Decoder", "ENCODERS", "RDN", "ResCNN", "SRResNet",
 ]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from arssr_jax.models.decoder import Decoder
 from arssr_jax.models.encoders import ENCODERS
 from arssr_jax.sampling import PADDING_MODES, sample_features_batched
-from arssr_jax.spline import local_range, prefilter, sample_cubic_batched
+from arssr_jax.spline import PREFILTER_RADIUS, local_range, prefilter, sample_cubic_batched
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What the decoder predicts: "none" = the intensity itself (the reference, final ReLU);
@@ -129,7 +129,7 @@ class ArSSR(nn.Module):
     def setup(self):
         cfg = self.config
         dtype = DTYPES[cfg.compute_dtype]
-        self.encoder = ENCODERS[cfg.encoder](feature_dim=cfg.feature_dim, dtype=dtype, **dict(cfg.encoder_options))
+        self.encoder = build_encoder(cfg, dtype)
         self.decoder = Decoder(depth=cfg.decoder_depth, width=cfg.decoder_width, dtype=dtype,
                                final_relu=cfg.residual == "none")
 
@@ -155,6 +155,25 @@ class ArSSR(nn.Module):
 
     def __call__(self, volume, coords):
         return self.decode(self.encode(volume), coords)
+
+
+def build_encoder(config: ModelConfig, dtype=jnp.float32) -> nn.Module:
+    return ENCODERS[config.encoder](feature_dim=config.feature_dim, dtype=dtype, **dict(config.encoder_options))
+
+
+def receptive_radius(config: ModelConfig) -> int:
+    """Voxels an encoded voxel depends on along each axis, each side: the encoder's, and in
+    residual mode also the spline prefilter's reach."""
+    radius = build_encoder(config).receptive_radius()
+    return max(radius, PREFILTER_RADIUS) if config.residual == "tricubic" else radius
+
+
+def activation_bytes_per_voxel(config: ModelConfig) -> int:
+    """A generous bound on the encoder's live activations per voxel (XLA temporaries included)."""
+    channels = build_encoder(config).activation_channels()
+    if config.residual == "tricubic":  # the prefilter's window of 2 * radius + 1 taps
+        channels = max(channels, 2 * PREFILTER_RADIUS + 1 + config.encoded_channels)
+    return 2 * 4 * channels  # float32, twice for XLA's temporaries
 
 
 def build_model(config: ModelConfig | None = None) -> ArSSR:

@@ -4,6 +4,10 @@ All convolutions: kernel 3 (or 1 where noted), stride 1, zero "same" padding, bi
 Each encoder maps (N, X, Y, Z, 1) to (N, X, Y, Z, feature_dim): no upscaling.
 Sub-module names mirror the reference's state_dict so the weight mapping stays
 readable (see arssr_jax/weights/reference.py).
+
+Each encoder knows its own size for whole-volume inference: ``receptive_radius()``
+(voxels an output voxel depends on along each axis, each side: the tile halo) and
+``activation_channels()`` (a generous bound on its live activations per voxel).
 """
 
 from __future__ import annotations
@@ -67,6 +71,13 @@ class RDN(nn.Module):
         fused = conv(self.num_features, "gff_1")(fused) + shallow
         return conv(self.feature_dim, "output")(fused)
 
+    def receptive_radius(self) -> int:
+        return 4 + self.num_blocks * self.num_layers  # sfe1, sfe2, gff_1, output; one per dense layer
+
+    def activation_channels(self) -> int:
+        # the concatenated block outputs, one block's dense stack, the output
+        return (self.num_blocks + 2) * self.num_features + self.num_layers * self.growth + self.feature_dim
+
 
 class ResCNN(nn.Module):
     """Residual CNN (Du et al. 2020 as used by ArSSR): 2,214,912 parameters at the defaults."""
@@ -88,6 +99,12 @@ class ResCNN(nn.Module):
         # The one-channel input is broadcast onto every feature channel (global skip).
         return volume + Conv3d(self.feature_dim, dtype=self.dtype, name="conv_end")(x)
 
+    def receptive_radius(self) -> int:
+        return 2 + self.num_blocks * self.convs_per_block  # conv_start, conv_end
+
+    def activation_channels(self) -> int:
+        return 4 * self.num_features + self.feature_dim
+
 
 class SRResNet(nn.Module):
     """SRResNet body without upsampling: 4,317,376 parameters at the defaults."""
@@ -105,6 +122,12 @@ class SRResNet(nn.Module):
             x = x + Conv3d(self.num_features, dtype=self.dtype, name=f"res{b}_conv2")(y)
         x = Conv3d(self.num_features, dtype=self.dtype, name="body_end")(x)
         return Conv3d(self.feature_dim, dtype=self.dtype, name="tail")(x)
+
+    def receptive_radius(self) -> int:
+        return 3 + 2 * self.num_blocks  # head, body_end, tail; two per block
+
+    def activation_channels(self) -> int:
+        return 4 * self.num_features + self.feature_dim
 
 
 ENCODERS = {"RDN": RDN, "ResCNN": ResCNN, "SRResNet": SRResNet}
