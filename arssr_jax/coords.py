@@ -32,6 +32,13 @@ def make_grid(shape, dtype=np.float32, flatten: bool = True) -> np.ndarray:
     return grid.reshape(-1, len(shape)) if flatten else grid
 
 
+def centre_positions(count: int, length: int) -> np.ndarray:
+    """Continuous voxel indices, on an axis of ``length`` voxels, of the centres of ``count``
+    voxels spanning the same extent (float64). HR centres in LR indices:
+    ``centre_positions(m, n)``; LR centres in HR indices: ``centre_positions(n, m)``."""
+    return (np.arange(count, dtype=np.float64) + 0.5) * (length / count) - 0.5
+
+
 def normalised_to_index(coords, n):
     """Continuous voxel index of a normalised coordinate (voxel centres at integers)."""
     return ((np.asarray(coords) + 1.0) * np.asarray(n) - 1.0) / 2.0

@@ -22,15 +22,11 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from arssr_jax.coords import centre_positions
 from arssr_jax.errors import ArSSRError
 
 TRICUBIC_BOUNDARY_MODE = "reflect"
 
-
-
-def hr_positions(n: int, m: int) -> np.ndarray:
-    """Continuous LR indices of the ``m`` HR voxel centres over an axis of ``n`` LR voxels."""
-    return (np.arange(m, dtype=np.float64) + 0.5) * (n / m) - 0.5
 
 
 def _target_shape(lr_shape, shape=None, scale=None) -> tuple:
@@ -50,7 +46,7 @@ def _target_shape(lr_shape, shape=None, scale=None) -> tuple:
 def interpolation_matrix(n: int, m: int, order: int = 3, mode: str = TRICUBIC_BOUNDARY_MODE) -> np.ndarray:
     """(m, n) matrix W: the order-``order`` spline interpolant of any n samples, evaluated
     at the m HR voxel centres, is W @ samples (prefilter included; float64)."""
-    positions = hr_positions(n, m)[None]
+    positions = centre_positions(m, n)[None]
     columns = [ndimage.map_coordinates(np.eye(n)[j], positions, order=order, mode=mode, prefilter=order > 1,
                                        output=np.float64) for j in range(n)]
     return np.stack(columns, axis=1)

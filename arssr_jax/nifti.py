@@ -248,6 +248,15 @@ def _float32_overflow(img, shape, volume_index) -> tuple[int, float]:
     return count, largest
 
 
+def header_shape(path: str | os.PathLike) -> tuple | None:
+    """The image shape its header states, or None when the header cannot be read (then
+    :func:`load` names the problem)."""
+    try:
+        return tuple(int(n) for n in nib.load(os.fspath(path)).shape)
+    except Exception:
+        return None
+
+
 def load(path: str | os.PathLike, volume_index: int | None = None) -> Volume:
     """Read a 3D volume (or volume ``volume_index`` of a 4D series) as float32."""
     p = os.fspath(path)

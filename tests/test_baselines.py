@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from arssr_jax.errors import ArSSRError
 from arssr_jax.metrics import psnr
+from arssr_jax.coords import centre_positions
 from arssr_jax.models import baselines as B
 from arssr_jax.weights import baseline_dir
 from arssr_jax.models.arssr import count_params
@@ -50,7 +51,7 @@ def test_tricubic_reproduces_a_linear_ramp_in_the_interior():
     ramp = lambda p: 0.3 * p[0] - 0.2 * p[1] + 0.1 * p[2] + 1.0
     out = B.tricubic(ramp(index), shape=m)
     assert out.shape == m and out.dtype == np.float32
-    positions = [B.hr_positions(a, b) for a, b in zip(n, m)]
+    positions = [centre_positions(b, a) for a, b in zip(n, m)]
     # HR voxel i of m over n LR voxels sits at LR index (i + 0.5) n / m - 0.5.
     np.testing.assert_allclose(positions[0][:2], [0.5 * 16 / 37 - 0.5, 1.5 * 16 / 37 - 0.5])
     expected = ramp(np.meshgrid(*positions, indexing="ij"))
@@ -72,7 +73,7 @@ def test_tricubic_matches_scipy_zoom_grid_mode(shape):
 def test_tricubic_equals_3d_map_coordinates_and_accepts_a_scale():
     lr = np.random.default_rng(1).random((7, 9, 8))
     shape = (17, 20, 11)
-    points = np.meshgrid(*[B.hr_positions(n, m) for n, m in zip(lr.shape, shape)], indexing="ij")
+    points = np.meshgrid(*[centre_positions(m, n) for n, m in zip(lr.shape, shape)], indexing="ij")
     expected = ndimage.map_coordinates(lr, points, order=3, mode="reflect", prefilter=True)
     np.testing.assert_allclose(B.tricubic(lr, shape=shape), expected, atol=1e-5)
     assert B.tricubic(lr, scale=2.5).shape == (17, 22, 20)  # int(n * s), as ArSSR's grid

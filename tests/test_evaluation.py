@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from arssr_jax.data.degrade import centred_positions, degrade
+from arssr_jax.coords import centre_positions
+from arssr_jax.data.degrade import degrade
 from arssr_jax.errors import ArSSRError
 from arssr_jax.evaluation import protocol, tables
 from arssr_jax.evaluation.cli import main
@@ -78,7 +79,7 @@ def test_centred_simulation_samples_the_lr_voxel_centres():
     hr = np.random.default_rng(0).random((21, 17, 12)).astype(np.float32)
     lr = simulate_lr(hr, 2.5, "centred")
     assert lr.shape == (8, 7, 5)
-    points = np.meshgrid(*[centred_positions(m, n) for m, n in zip(hr.shape, lr.shape)], indexing="ij")
+    points = np.meshgrid(*[centre_positions(n, m) for m, n in zip(hr.shape, lr.shape)], indexing="ij")
     expected = ndimage.map_coordinates(hr.astype(np.float64), points, order=3, mode="reflect")
     np.testing.assert_allclose(lr, expected, atol=1e-6)
     cube = hr[:12, :12, :12]  # a cube goes through the training pipeline's degrade() itself

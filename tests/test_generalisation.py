@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from arssr_jax.data import AugmentConfig, DataConfig
 from arssr_jax.data.samples import make_patch, random_contrast, rician
-from arssr_jax.data.volumes import normalise_volume
+from arssr_jax.data.reading import normalise_volume
 from arssr_jax.errors import ArSSRError
 from arssr_jax.evaluation.protocol import band_errors, band_index, head_mask
 from arssr_jax.inference import upsample

@@ -16,10 +16,14 @@ from scipy import ndimage
 
 from arssr_jax.data import DataConfig, load_volumes, make_train_iterator
 from arssr_jax.data import cache as volume_cache
-from arssr_jax.data.cache import DEFAULT_CACHE_DIR, cached_volumes, entry_path, resolve_cache_dir
+from arssr_jax.data.cache import DEFAULT_CACHE_DIR, cached_arrays, entry_path, resolve_cache_dir
 from arssr_jax.data.pipeline import StepBatch
-from arssr_jax.data.volumes import normalise_volume
+from arssr_jax.data.reading import normalise_volume
 from arssr_jax.errors import ArSSRError
+
+
+def cached_volumes(paths, folder, progress=True):
+    return load_volumes(list(paths), cache_dir=folder, progress=progress)
 
 SMALL = dict(patch_size=24, lr_size=6, samples_per_step=500, batch_size=4, min_foreground=0.0)
 
@@ -176,7 +180,7 @@ def test_interrupted_conversion_leaves_no_file(sources, tmp_path, monkeypatch):
     assert os.listdir(folder) == [".lock"]
 
     monkeypatch.setattr(volume_cache.np, "save", real_save)
-    assert len(cached_volumes(paths, folder)) == 3
+    assert len(cached_volumes(paths, folder).arrays) == 3
     assert len(os.listdir(folder)) == 4
 
 
@@ -185,7 +189,7 @@ def test_bad_source_writes_nothing(tmp_path):
     data = np.ones((24, 24, 24), np.float32)
     data[3, 4, 5] = np.nan
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(bad))
-    with pytest.raises(ArSSRError, match="NaN or infinite"):
+    with pytest.raises(ArSSRError, match="1 NaN and 0 Inf voxel"):
         load_volumes([str(bad)], cache_dir=tmp_path / "cache")
     assert npy_files(tmp_path / "cache") == []
 
@@ -209,7 +213,7 @@ def test_disk_would_fill(sources, tmp_path, monkeypatch):
     # only the volumes still to convert count
     monkeypatch.setattr(volume_cache.shutil, "disk_usage",
                         lambda p: type(real_usage(p))(1, 0, volume_cache.FREE_SPACE_RESERVE + arrays[2].nbytes + 128))
-    assert len(cached_volumes(paths, folder)) == 3
+    assert len(cached_volumes(paths, folder).arrays) == 3
 
 
 def test_cache_folder_setting(monkeypatch, tmp_path):
@@ -228,7 +232,7 @@ def test_cache_folder_setting(monkeypatch, tmp_path):
     # a file where the folder should be
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArSSRError, match="cannot create it"):
-        cached_volumes([], tmp_path / "file" / "cache")
+        cached_arrays([], tmp_path / "file" / "cache")
 
 
 def test_concurrent_processes_convert_once(sources, tmp_path):
@@ -241,7 +245,7 @@ def test_concurrent_processes_convert_once(sources, tmp_path):
         written = []
         real = cache._write_entry
         cache._write_entry = lambda s, e: (written.append(s), real(s, e))
-        cache.cached_volumes({paths!r}, {str(folder)!r}, progress=False)
+        cache.cached_arrays({paths!r}, {str(folder)!r}, progress=False)
         print(len(written))
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -41,6 +41,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from arssr_jax import intensity
+from arssr_jax.data.reading import read_volume
 from arssr_jax.errors import ArSSRError
 from arssr_jax.progress import progress_bar
 from arssr_jax.tempfiles import make_temp, publish_mode, remove_stale
@@ -148,9 +149,7 @@ def check_free_space(cache_dir: Path, needed: int, count: int) -> None:
 
 def _write_entry(source: str, entry: Path) -> None:
     """Convert ``source`` into ``entry`` atomically (temporary sibling, fsync, rename)."""
-    from arssr_jax.data.volumes import normalise_volume, read_nifti
-
-    array = normalise_volume(read_nifti(source), source)
+    array = read_volume(source)
     stem = entry.name[: -len(".npy")]
     remove_stale(entry.parent, stem, ".npy")
     temp = make_temp(entry.parent, stem, suffix=".npy")
@@ -208,14 +207,12 @@ class _CacheLock:
             self.fd = None
 
 
-def cached_volumes(files: Sequence[str], cache_dir, progress: bool = True):
-    """A :class:`~arssr_jax.data.volumes.VolumeSet` of ``files`` memory-mapped from the cache,
-    converting those not cached yet (or changed since)."""
-    from arssr_jax.data.volumes import VolumeSet
-
+def cached_arrays(files: Sequence[str], cache_dir, progress: bool = True) -> tuple[tuple, tuple]:
+    """(arrays, cache files) of ``files`` memory-mapped from the cache, converting those not
+    cached yet (or changed since)."""
     folder = resolve_cache_dir(cache_dir)
     if folder is None:
-        raise ValueError("cached_volumes needs a cache folder (cache_dir is off)")
+        raise ValueError("cached_arrays needs a cache folder (cache_dir is off)")
     files = [os.fspath(f) for f in files]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -236,4 +233,4 @@ def cached_volumes(files: Sequence[str], cache_dir, progress: bool = True):
                     except OSError:
                         pass
     mapped = tuple(str(e) for e in entries)
-    return VolumeSet(tuple(open_cached(e) for e in mapped), tuple(files), mapped)
+    return tuple(open_cached(e) for e in mapped), mapped

@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from arssr_jax.coords import centre_positions
+
 CENTRED_BOUNDARY_MODE = "reflect"
 
 
@@ -37,18 +39,13 @@ def degrade_reference(hr: np.ndarray, lr_size: int) -> np.ndarray:
     return lr
 
 
-def centred_positions(m: int, n: int) -> np.ndarray:
-    """Continuous HR indices of the ``n`` LR voxel centres over an axis of ``m`` HR voxels."""
-    return (np.arange(n, dtype=np.float64) + 0.5) * (m / n) - 0.5
-
-
 def degrade_centred(hr: np.ndarray, lr_size: int, antialias: bool = False) -> np.ndarray:
     """Voxel-centre consistent cubic resampling of ``hr`` to ``lr_size`` voxels per axis."""
     hr = np.asarray(hr)
     if antialias:
         sigma = [max(0.0, (m / lr_size - 1.0) / 2.0) for m in hr.shape]
         hr = ndimage.gaussian_filter(hr.astype(np.float64), sigma, mode=CENTRED_BOUNDARY_MODE)
-    axes = [centred_positions(m, lr_size) for m in hr.shape]
+    axes = [centre_positions(lr_size, m) for m in hr.shape]
     points = np.meshgrid(*axes, indexing="ij")
     lr = ndimage.map_coordinates(hr, points, order=3, mode=CENTRED_BOUNDARY_MODE,
                                  prefilter=True, output=np.float64)

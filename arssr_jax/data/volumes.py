@@ -15,8 +15,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from arssr_jax.data.cache import cached_arrays, open_cached
+from arssr_jax.data.reading import normalise_volume, read_volume
 from arssr_jax.errors import ArSSRError
-from arssr_jax.intensity import Normalisation
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -58,8 +59,6 @@ class VolumeSet:
     def __setstate__(self, state: dict) -> None:
         files = state.get("files")
         if files is not None:
-            from arssr_jax.data.cache import open_cached
-
             state = dict(state)
             state["arrays"] = tuple(open_cached(f) if f is not None else a
                                     for a, f in zip(state["arrays"], files))
@@ -117,43 +116,6 @@ def find_volume_files(source: Union[str, os.PathLike, Sequence]) -> list:
     return files
 
 
-def read_nifti(path: str) -> np.ndarray:
-    """Read one 3D NIfTI volume as float32 (trailing singleton axes are dropped)."""
-    import nibabel as nib
-
-    try:
-        image = nib.load(path)
-        data = np.asarray(image.get_fdata(dtype=np.float32))
-    except Exception as err:  # nibabel raises many types for bad files
-        raise ArSSRError(f"{path}: cannot read as NIfTI ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); "
-                         "replace or remove the file") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ArSSRError(f"{path}: shape {image.shape} is not a 3D volume; give 3D HR "
-                         "volumes (split 4D series first)")
-    return data
-
-
-def normalise_volume(data: np.ndarray, name: str) -> np.ndarray:
-    """Check a 3D array and normalise it as inference normalises its input (0.5th and
-    99.5th percentiles to 0 and 1, :class:`arssr_jax.intensity.Normalisation`), float32."""
-    data = np.asarray(data)
-    if data.ndim != 3:
-        raise ArSSRError(f"{name}: shape {data.shape} is not a 3D volume; give 3D HR volumes")
-    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
-        raise ArSSRError(f"{name}: dtype {data.dtype} is not a real number type")
-    data = data.astype(np.float64)
-    if not np.all(np.isfinite(data)):
-        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-        raise ArSSRError(f"{name}: {bad} voxels are NaN or infinite; fix or remove the volume")
-    if float(data.max()) <= float(data.min()):
-        raise ArSSRError(f"{name}: the volume is constant ({float(data.min())}); it carries no signal to "
-                         "learn from, remove it")
-    return Normalisation.of(data, name).apply(data)
-
-
 def load_volumes(source, cache_dir=None, progress: bool = True) -> VolumeSet:
     """Every volume, normalised: read into memory, or memory-mapped from the volume cache.
 
@@ -175,10 +137,9 @@ def load_volumes(source, cache_dir=None, progress: bool = True) -> VolumeSet:
         return VolumeSet(tuple(arrays), tuple(names))
     files = find_volume_files(source)
     if cache_dir is not None:
-        from arssr_jax.data.cache import cached_volumes
-
-        return cached_volumes(files, cache_dir, progress=progress)
-    arrays = [normalise_volume(read_nifti(f), f) for f in files]
+        arrays, mapped = cached_arrays(files, cache_dir, progress=progress)
+        return VolumeSet(arrays, tuple(files), mapped)
+    arrays = [read_volume(f) for f in files]
     return VolumeSet(tuple(arrays), tuple(files))
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from arssr_jax.data.degrade import CENTRED_BOUNDARY_MODE, centred_positions, degrade
+from arssr_jax.coords import centre_positions
+from arssr_jax.data.degrade import CENTRED_BOUNDARY_MODE, degrade
 from arssr_jax.errors import ArSSRError
 
 DEGRADATIONS = ("centred", "reference")
@@ -55,7 +56,7 @@ def simulate_lr(hr, scale, mode: str = "centred", antialias: bool = False) -> np
     if antialias:
         sigma = [max(0.0, (m / n - 1.0) / 2.0) for m, n in zip(hr.shape, lr_shape)]
         data = ndimage.gaussian_filter(data, sigma, mode=CENTRED_BOUNDARY_MODE)
-    points = np.meshgrid(*[centred_positions(m, n) for m, n in zip(hr.shape, lr_shape)], indexing="ij")
+    points = np.meshgrid(*[centre_positions(n, m) for m, n in zip(hr.shape, lr_shape)], indexing="ij")
     lr = ndimage.map_coordinates(data, points, order=3, mode=CENTRED_BOUNDARY_MODE, prefilter=True, output=np.float64)
     return lr.astype(np.float32)
 

@@ -39,7 +39,6 @@ from arssr_jax.errors import ArSSRError
 from arssr_jax.interpolation import (  # noqa: F401 (re-exported: baselines of the comparison)
     INTERPOLATORS,
     TRICUBIC_BOUNDARY_MODE,
-    hr_positions,
     interpolation_matrix,
     nearest,
     tricubic,
