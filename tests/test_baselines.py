@@ -192,10 +192,8 @@ def test_baseline_config_errors(tmp_path):
         config.replace(data=dataclasses.replace(config.data, scale_max=3.0)).validate()
     with pytest.raises(ArSSRError, match=r"val.scales=\(2,\)"):
         config.replace(val=dataclasses.replace(config.val, scales=(2.0, 3.0))).validate()
-    with pytest.raises(ArSSRError, match="data.task='baseline'"):
-        config.replace(data=dataclasses.replace(config.data, task="arssr")).validate()
-    with pytest.raises(ArSSRError, match="no baseline is set"):
-        config.replace(baseline=None).validate()
+    with pytest.raises(ArSSRError, match="one isotropic scale"):
+        config.replace(data=dataclasses.replace(config.data, anisotropic=True)).validate()
     with pytest.raises(ArSSRError, match="bad options"):
         small_baseline_config(baseline=dataclasses.replace(config.baseline, options={"width": 3})).validate()
     train(config, tmp_path / "run", steps=10, quiet=True)

@@ -59,6 +59,54 @@ def test_resume_equals_straight_run(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_interrupt_saves_the_steps_since_the_last_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) while step 5's batch is read, after the checkpoint at step 3: the run
+    saves step 4 (no validation) and re-raises; resumed, it ends exactly as a straight run."""
+    from arssr_jax.training import loop
+
+    config = tiny(data_paths=(ANATOMICAL,))
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(config, straight, steps=6, quiet=True)
+
+    make_iterator = loop.make_train_iterator
+
+    class Interrupting:
+        """The run's iterator, interrupted when step 5's batch is asked for."""
+
+        def __init__(self, *args, **kwargs):
+            self._iterator = make_iterator(*args, **kwargs)
+
+        def __next__(self):
+            if self._iterator.step == 4:
+                raise KeyboardInterrupt
+            return next(self._iterator)
+
+        def __getattr__(self, name):
+            return getattr(self._iterator, name)
+
+    monkeypatch.setattr(loop, "make_train_iterator", Interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, interrupted, steps=6, quiet=True)
+    monkeypatch.undo()
+    store = CheckpointStore(interrupted, read_only=True)
+    try:
+        assert store.all_steps() == [3, 4] and store.metrics(4) is None and store.best_step() == 3
+    finally:
+        store.close()
+    assert train(config, interrupted, steps=6, quiet=True).step == 6
+
+    store_a, store_b = CheckpointStore(straight, read_only=True), CheckpointStore(interrupted, read_only=True)
+    try:
+        a, b = store_a.restore_raw(6), store_b.restore_raw(6)
+        for x, y in zip(jax.tree_util.tree_leaves(a["state"]), jax.tree_util.tree_leaves(b["state"])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    finally:
+        store_a.close()
+        store_b.close()
+    steps = [r["step"] for r in map(json.loads, (interrupted / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_keeps_last_n_and_best(tmp_path):
     store = CheckpointStore(tmp_path, keep_last=2)
     for step, l1 in [(1, 0.5), (2, 0.1), (3, 0.3), (4, 0.4), (5, 0.35)]:

@@ -52,9 +52,9 @@ def assert_batches_equal(a, b):
             np.testing.assert_array_equal(x[key], y[key])
 
 
-def iterator(volumes, process_index=0, process_count=1, **overrides):
+def iterator(volumes, process_index=0, process_count=1, make_example=make_sample, **overrides):
     config = DataConfig(**{**SMALL, **overrides})
-    return make_train_iterator(config, volumes, process_index=process_index,
+    return make_train_iterator(config, volumes, make_example=make_example, process_index=process_index,
                                process_count=process_count)
 
 
@@ -162,24 +162,31 @@ def test_centred_mode_on_linear_ramp():
 
 
 def test_baseline_samples_are_tricubic_input_and_hr_target(volumes):
-    """task='baseline': input = the LR patch tricubic-upsampled onto the HR patch's grid
-    (the same LR and HR an ArSSR sample is cut from), target = that HR patch."""
+    """The baselines' example maker (training.examples.make_tricubic_pair), through the same
+    pipeline: input = the LR patch tricubic-upsampled onto the HR patch's grid (the same LR and
+    HR an ArSSR sample is cut from), target = that HR patch."""
     from arssr_jax.interpolation import tricubic
+    from arssr_jax.training.examples import make_tricubic_pair
 
-    config = DataConfig(**{**SMALL, "scale_min": 2.5, "scale_max": 2.5, "task": "baseline"})
-    sample = make_sample(volumes.arrays[0], config, np.random.default_rng(3))
+    config = DataConfig(**{**SMALL, "scale_min": 2.5, "scale_max": 2.5})
+    sample = make_tricubic_pair(volumes.arrays[0], config, np.random.default_rng(3))
     hr, lr, scales = make_patch(volumes.arrays[0], config, np.random.default_rng(3))
     assert set(sample) == {"input", "target"} and hr.shape == (15, 15, 15) and lr.shape == (6, 6, 6)
     np.testing.assert_array_equal(sample["target"][..., 0], hr)
     np.testing.assert_array_equal(sample["input"][..., 0], tricubic(lr, shape=hr.shape))
     # interpolation, not the target: the input is smoother than the HR patch but close to it
     assert 0 < np.mean(np.abs(sample["input"] - sample["target"])) < 0.1 * np.ptp(hr)
-    batch = next(iterator(volumes, scale_min=2.5, scale_max=2.5, task="baseline"))
+    batch = next(iterator(volumes, scale_min=2.5, scale_max=2.5, make_example=make_tricubic_pair))
     assert batch["input"].shape == batch["target"].shape == (4, 15, 15, 15, 1)
     with pytest.raises(ArSSRError, match="one isotropic scale"):
-        DataConfig(**{**SMALL, "task": "baseline"}).validate()
-    with pytest.raises(ArSSRError, match="task"):
-        DataConfig(**{**SMALL, "task": "points"}).validate()
+        make_tricubic_pair.validate(DataConfig(**SMALL))
+    with pytest.raises(ArSSRError, match="one isotropic scale"):
+        iterator(volumes, make_example=make_tricubic_pair)
+    # it draws no points: K larger than the HR patch is no error for it, but is for make_sample
+    few_voxels = DataConfig(**{**SMALL, "scale_min": 2.5, "scale_max": 2.5, "samples_per_step": 16 ** 3})
+    assert make_tricubic_pair.validate(few_voxels) is few_voxels
+    with pytest.raises(ArSSRError, match="samples_per_step"):
+        make_sample.validate(few_voxels)
 
 
 # -- pipeline -----------------------------------------------------------------

@@ -46,7 +46,7 @@ MULTI_DEVICE = textwrap.dedent("""
         task = make_task(config)
         tx, schedule = make_optimizer(config.optim, steps_per_epoch=1)  # lr halves every 10 steps
         state = create_train_state(task.init_params, tx, 0)
-        iterator = make_train_iterator(config.data, process_index=0, process_count=1)
+        iterator = make_train_iterator(config.data, make_example=task.make_example, process_index=0, process_count=1)
         batches = [next(iterator) for _ in range(3)]
         iterator.close()
 

@@ -98,6 +98,59 @@ def test_configs_round_trip_and_load(tmp_path):
     assert config_differences(tiny(), tiny().replace(steps=9, seed=1)) == ["seed"]
 
 
+def _small_baseline():
+    from arssr_jax.training import baseline
+
+    config = baseline("SRCNN3D", 2.0, data_paths=(ANATOMICAL,), options={"kernels": [3, 1, 3], "filters": [8, 4]})
+    return config.replace(data=dataclasses.replace(config.data, lr_size=6, patch_size=12, batch_size=2,
+                                                   samples_per_volume=20),
+                          val=dataclasses.replace(config.val, patches_per_volume=1, every_steps=2), log_every=1)
+
+
+def test_configs_from_before_the_task_split_load_and_resume(tmp_path):
+    """train_config.json files written while DataConfig had ``task`` ("arssr" or "baseline",
+    always agreeing with ``baseline``) load as today's configs, and their runs resume."""
+    for config, task in ((tiny(), "arssr"), (_small_baseline(), "baseline")):
+        old = json.loads(config.to_json())
+        assert "task" not in old["data"]
+        old["data"]["task"] = task
+        path = tmp_path / f"{task}.json"
+        path.write_text(json.dumps(old))
+        assert load_config(path) == config and not config_differences(load_config(path), config)
+        load_config(path).validate()
+
+    config, workdir = _small_baseline(), tmp_path / "run"
+    train(config, workdir, steps=2, quiet=True)
+    saved = json.loads((workdir / "train_config.json").read_text())
+    saved["data"]["task"] = "baseline"
+    (workdir / "train_config.json").write_text(json.dumps(saved))
+    assert train(config, workdir, steps=4, quiet=True).step == 4
+    records = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r.get("event") == "validation"] == [2, 4]
+    assert "task" not in json.loads((workdir / "train_config.json").read_text())["data"]
+
+
+def test_validator_predicts_the_model_at_every_hr_voxel_centre(tiny_setup):
+    """Validator.predict decodes through inference.decode_grid, in chunks that do not divide
+    the patch: equal to the model at the sample's coordinates."""
+    from arssr_jax.coords import make_grid
+    from arssr_jax.training import Validator
+
+    config, model, state, _, _ = tiny_setup
+    rng = np.random.default_rng(1)
+    samples = [{"lr": rng.random((6, 6, 6, 1), np.float32), "hr": rng.random((m, m, m, 1), np.float32),
+                "coords": make_grid((m, m, m)), "scale": np.full(3, m / 6, np.float32), "volume": 0}
+               for m in (12, 15)]
+    validator = Validator(model, samples, chunk=1000)
+    for sample in samples:
+        expected = np.asarray(predict(model, state.params, sample["lr"][None], sample["coords"][None]))[0]
+        np.testing.assert_allclose(validator.predict(state.params, sample), expected.reshape(sample["hr"].shape),
+                                   rtol=1e-5, atol=1e-6)
+    metrics = validator(state.params)
+    assert set(metrics) == {"val_l1", "val_psnr", "val_psnr_by_scale"} and list(metrics["val_psnr_by_scale"]) == ["2", "2.5"]
+
+
 def _cli(argv):
     from arssr_jax.training.cli import add_subcommand
 

@@ -1,4 +1,7 @@
-"""Training input pipeline: HR volumes -> random patches -> (LR, K coords, values) batches.
+"""Training input pipeline: HR volumes -> random patches -> examples -> batches.
+
+An example maker turns each patch draw into one batch element; the default,
+``make_sample``, gives (LR, K coords, values); a training task may pass its own.
 
 See ``pipeline`` for the indexing, sharding and checkpointing rules, ``degrade`` for
 the two down-sampling modes and ``samples`` for the per-sample transform.
@@ -15,6 +18,8 @@ from arssr_jax.data.pipeline import (
 )
 from arssr_jax.data.samples import (
     DEFAULT_VALIDATION_SCALES,
+    ExampleMaker,
+    PointSample,
     draw_scales,
     hr_shape,
     make_patch,
@@ -26,6 +31,6 @@ from arssr_jax.data.volumes import VolumeSet, find_volume_files, load_volumes
 __all__ = [
     "AugmentConfig", "DataConfig", "degrade", "degrade_centred", "degrade_reference",
     "StepBatch", "TrainIterator", "global_sample", "make_dataset", "make_train_iterator",
-    "DEFAULT_VALIDATION_SCALES", "draw_scales", "hr_shape", "make_patch", "make_sample",
+    "DEFAULT_VALIDATION_SCALES", "ExampleMaker", "PointSample", "draw_scales", "hr_shape", "make_patch", "make_sample",
     "validation_samples", "VolumeSet", "find_volume_files", "load_volumes",
 ]

@@ -11,7 +11,6 @@ from arssr_jax.errors import ArSSRError
 
 ROUNDINGS = ("none", "reference")
 DEGRADE_MODES = ("centred", "reference")
-TASKS = ("arssr", "baseline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +94,8 @@ class DataConfig:
                          'reference' (``scipy.ndimage.zoom(hr, 1/s, order=3)``).
     antialias:           Gaussian pre-blur (sigma = (m/n - 1)/2 HR voxels) before
                          'centred' resampling; off like the reference.
-    samples_per_step:    K, HR coordinates drawn per patch (without replacement).
+    samples_per_step:    K, HR coordinates drawn per patch (without replacement) by the
+                         point examples (``make_sample``); unused by whole-patch ones.
     batch_size:          global batch (all processes together) per step.
     seed:                the one seed everything is derived from.
     worker_count:        worker processes computing batches (0: in this process,
@@ -140,7 +140,6 @@ class DataConfig:
     foreground_threshold: float = 0.05
     max_tries: int = 10
     augment: AugmentConfig = AugmentConfig()
-    task: str = "arssr"
     cache_dir: Optional[str] = "~/.cache/arssr-jax/volumes"
 
     def __post_init__(self):
@@ -182,8 +181,13 @@ class DataConfig:
         """Steps per epoch (last, partial batch counted), as a DataLoader without drop_last."""
         return math.ceil(self.samples_per_epoch(num_volumes) / self.batch_size)
 
-    def validate(self) -> "DataConfig":
-        """Raise :class:`ArSSRError` naming the first bad field; return self."""
+    def validate(self, points: bool = True) -> "DataConfig":
+        """Raise :class:`ArSSRError` naming the first bad field; return self.
+
+        ``points``: the examples draw ``samples_per_step`` distinct voxels of every HR patch
+        (``make_sample``), so K must not exceed the smallest HR patch; False for examples
+        that draw none (whole patches, validation patches).
+        """
 
         def bad(field, why):
             raise ArSSRError(f"DataConfig.{field}={getattr(self, field)!r}: {why}")
@@ -199,12 +203,6 @@ class DataConfig:
             bad("rounding", f"use one of {ROUNDINGS}")
         if self.degrade not in DEGRADE_MODES:
             bad("degrade", f"use one of {DEGRADE_MODES}")
-        if self.task not in TASKS:
-            bad("task", f"use one of {TASKS}")
-        if self.task == "baseline" and (self.scale_min != self.scale_max or self.anisotropic
-                                        or self.rounding != "none"):
-            bad("task", "a fixed-scale baseline needs one isotropic scale: set scale_min == scale_max, "
-                "anisotropic=False and rounding='none'")
         if not (self.scale_min >= 1.0):
             bad("scale_min", "must be >= 1 (this pipeline only down-samples)")
         if not (self.scale_max >= self.scale_min):
@@ -217,7 +215,7 @@ class DataConfig:
         if hi > self.patch_size:
             bad("patch_size", f"must be >= int(lr_size * max scale) = {hi}; raise "
                 "patch_size or lower scale_max/lr_size")
-        if self.task == "arssr" and self.samples_per_step > lo ** 3:
+        if points and self.samples_per_step > lo ** 3:
             bad("samples_per_step", f"K must be <= {lo ** 3} HR voxels of the smallest HR "
                 f"patch ({lo}^3 at the smallest scale); lower K or raise scale_min")
         a = self.augment

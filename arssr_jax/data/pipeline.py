@@ -8,8 +8,10 @@ function of (seed, g):
   permutation of range(S) drawn from (seed, 1, e) assigns position g % S to
   volume perm[g % S] // samples_per_volume, so every volume gives exactly
   ``samples_per_volume`` patches per epoch, in a shuffled order;
-* everything else (scale, position, augmentation, coordinates): a
-  ``np.random.Generator`` seeded with (seed, 0, g).
+* everything else (scale, position, augmentation, the example's own draws): a
+  ``np.random.Generator`` seeded with (seed, 0, g), handed to the example maker
+  (``make_example``, default :data:`~arssr_jax.data.samples.make_sample`; a training task
+  passes its own, see :class:`~arssr_jax.data.samples.ExampleMaker`).
 
 Sharding: process p of P yields the samples i in [p*b, (p+1)*b), b = B // P, of
 every step. The union over processes is exactly the single-process batch for the
@@ -30,7 +32,7 @@ import grain
 import numpy as np
 
 from arssr_jax.data.config import DataConfig
-from arssr_jax.data.samples import make_sample
+from arssr_jax.data.samples import ExampleMaker, make_sample
 from arssr_jax.data.volumes import VolumeSet, check_patch_fits, load_volumes
 from arssr_jax.errors import ArSSRError
 
@@ -50,11 +52,12 @@ def volume_for_sample(seed: int, global_index: int, num_volumes: int,
     return int(order[position]) // samples_per_volume
 
 
-def global_sample(volumes: VolumeSet, config: DataConfig, step: int, index: int) -> Batch:
+def global_sample(volumes: VolumeSet, config: DataConfig, step: int, index: int,
+                  make_example: ExampleMaker = make_sample) -> Batch:
     """Sample ``index`` (0 <= index < batch_size) of global step ``step``."""
     g = int(step) * config.batch_size + int(index)
     v = volume_for_sample(config.seed, g, len(volumes), config.samples_per_volume)
-    return make_sample(volumes.arrays[v], config, sample_rng(config.seed, g))
+    return make_example(volumes.arrays[v], config, sample_rng(config.seed, g))
 
 
 def stack_samples(samples) -> Batch:
@@ -83,14 +86,15 @@ class StepBatch:
     """grain map transform: step index -> this process's share of that step's batch."""
 
     def __init__(self, volumes: VolumeSet, config: DataConfig, process_index: int,
-                 process_count: int):
+                 process_count: int, make_example: ExampleMaker = make_sample):
         self.volumes = volumes
         self.config = config
+        self.make_example = make_example
         b = per_process_batch(config, process_count)
         self.indices = range(process_index * b, (process_index + 1) * b)
 
     def __call__(self, step: int) -> Batch:
-        return stack_samples([global_sample(self.volumes, self.config, step, i)
+        return stack_samples([global_sample(self.volumes, self.config, step, i, self.make_example)
                               for i in self.indices])
 
 
@@ -104,11 +108,12 @@ def _allow_unparsed_absl_flags() -> None:
 
 
 def make_dataset(volumes: VolumeSet, config: DataConfig, process_index: int,
-                 process_count: int, start_step: int = 0) -> grain.IterDataset:
+                 process_count: int, start_step: int = 0,
+                 make_example: ExampleMaker = make_sample) -> grain.IterDataset:
     """The grain pipeline yielding this process's batches from ``start_step`` on."""
     stop = sys.maxsize if config.num_steps is None else config.num_steps
     ds = grain.MapDataset.range(min(int(start_step), stop), stop)
-    ds = ds.map(StepBatch(volumes, config, process_index, process_count))
+    ds = ds.map(StepBatch(volumes, config, process_index, process_count, make_example))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=config.prefetch))
     if config.worker_count > 0:
@@ -130,11 +135,12 @@ class TrainIterator(grain.DatasetIterator):
     """
 
     def __init__(self, volumes: VolumeSet, config: DataConfig, process_index: int,
-                 process_count: int, start_step: int = 0):
+                 process_count: int, start_step: int = 0, make_example: ExampleMaker = make_sample):
         self._inner = None
         super().__init__()
         self.volumes = volumes
         self.config = config
+        self.make_example = make_example
         self.process_index = process_index
         self.process_count = process_count
         self.batch_per_process = per_process_batch(config, process_count)
@@ -147,7 +153,7 @@ class TrainIterator(grain.DatasetIterator):
 
     def _start(self):
         ds = make_dataset(self.volumes, self.config, self.process_index,
-                          self.process_count, self._step)
+                          self.process_count, self._step, self.make_example)
         self._inner = iter(ds)
 
     def __next__(self) -> Batch:
@@ -191,6 +197,7 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def make_train_iterator(config: DataConfig, volumes=None, *,
+                        make_example: ExampleMaker = make_sample,
                         process_index: Optional[int] = None,
                         process_count: Optional[int] = None,
                         start_step: int = 0) -> TrainIterator:
@@ -200,11 +207,12 @@ def make_train_iterator(config: DataConfig, volumes=None, *,
     paths are memory-mapped from the volume cache ``config.cache_dir`` (see
     :mod:`arssr_jax.data.cache`; None: read into memory), so worker processes re-open
     the files instead of receiving copies of the arrays.
-    Each batch: ``{"lr": (b, n, n, n, 1), "coords": (b, K, 3), "values": (b, K, 1)}``
-    (``task='baseline'``: ``{"input": (b, m, m, m, 1), "target": (b, m, m, m, 1)}``)
-    float32, b = batch_size // process_count, n = lr_size, K = samples_per_step.
+    Each batch stacks b = batch_size // process_count examples of ``make_example`` (checked
+    against the config first); with the default :data:`~arssr_jax.data.samples.make_sample`:
+    ``{"lr": (b, n, n, n, 1), "coords": (b, K, 3), "values": (b, K, 1)}`` float32,
+    n = lr_size, K = samples_per_step.
     """
-    config.validate()
+    make_example.validate(config)
     process_index, process_count = resolve_process(process_index, process_count)
     if volumes is None:
         if not config.paths:
@@ -213,4 +221,4 @@ def make_train_iterator(config: DataConfig, volumes=None, *,
         volumes = config.paths
     volumes = load_volumes(volumes, cache_dir=config.cache_dir)
     check_patch_fits(volumes, config.patch_size)
-    return TrainIterator(volumes, config, process_index, process_count, start_step)
+    return TrainIterator(volumes, config, process_index, process_count, start_step, make_example)

@@ -1,8 +1,15 @@
-"""One training sample from one volume: pure numpy, deterministic given a Generator.
+"""One training example from one volume: pure numpy, deterministic given a Generator.
+
+:func:`make_patch` cuts the HR patch and degrades it into the LR patch; an *example
+maker* (:class:`ExampleMaker`) turns that draw into the arrays one batch element holds.
+The data layer's own is :data:`make_sample` (the LR patch and K points of the HR patch);
+a training task may bring another that starts from the same :func:`make_patch` (the
+pipeline takes any).
 
 Order of random draws (fixed, so a seed fixes the sample):
   1. the scale(s);  2. the patch position (possibly several tries);
-  3. augmentations (only those enabled);  4. the K HR coordinates.
+  3. augmentations (only those enabled);  4. the example's own draws (make_sample: the K
+  HR coordinates).
 
 Background rule: a candidate HR patch (the first int(lr_size * s) voxels of a
 ``patch_size`` cube at a random position) is rejected when less than
@@ -14,7 +21,8 @@ positions, so rejection does not bias the scale distribution.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import dataclasses
+from typing import Dict, List, Protocol, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -22,7 +30,6 @@ from scipy import ndimage
 from arssr_jax.coords import index_to_normalised, make_grid
 from arssr_jax.data.config import AugmentConfig, DataConfig
 from arssr_jax.data.degrade import degrade
-from arssr_jax.interpolation import tricubic
 
 
 def draw_scales(rng: np.random.Generator, config: DataConfig) -> np.ndarray:
@@ -186,16 +193,40 @@ def make_patch(volume: np.ndarray, config: DataConfig, rng: np.random.Generator,
     return hr, lr, np.asarray(scales, np.float64)
 
 
-def make_sample(volume: np.ndarray, config: DataConfig,
-                rng: np.random.Generator) -> Dict[str, np.ndarray]:
-    """One training sample, all float32. ``task='arssr'``: lr (n, n, n, 1), coords (K, 3),
-    values (K, 1). ``task='baseline'``: input (m, m, m, 1), the tricubic upsampling of the
-    LR patch onto the HR grid, and target (m, m, m, 1), the HR patch."""
-    hr, lr, _ = make_patch(volume, config, rng)
-    if config.task == "baseline":
-        return {"input": tricubic(lr, shape=hr.shape)[..., None], "target": hr[..., None]}
-    coords, values = sample_coords(hr, config.samples_per_step, rng)
-    return {"lr": lr[..., None], "coords": coords, "values": values}
+Example = Dict[str, np.ndarray]
+
+
+class ExampleMaker(Protocol):
+    """Turns one volume into one training example: ``(volume, config, rng) -> {name: array}``,
+    float32 arrays of the same shapes for every call with the same config (they are stacked
+    into batches). It draws from ``rng`` only, so the seed fixes the example.
+
+    grain's worker processes receive it pickled: make it a small frozen dataclass, as
+    :class:`PointSample`, defined at module level. ``validate(config)`` raises :class:`~arssr_jax.errors.ArSSRError` for a config it
+    cannot serve (naming the field) and returns the config.
+    """
+
+    def __call__(self, volume: np.ndarray, config: DataConfig, rng: np.random.Generator) -> Example: ...
+
+    def validate(self, config: DataConfig) -> DataConfig: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PointSample:
+    """The LR patch and K = ``samples_per_step`` distinct voxels of its HR patch (what ArSSR
+    trains on): ``lr (n, n, n, 1)``, ``coords (K, 3)`` (normalised voxel centres), ``values
+    (K, 1)``, all float32. The draws of :func:`make_patch`, then the K coordinates."""
+
+    def __call__(self, volume: np.ndarray, config: DataConfig, rng: np.random.Generator) -> Example:
+        hr, lr, _ = make_patch(volume, config, rng)
+        coords, values = sample_coords(hr, config.samples_per_step, rng)
+        return {"lr": lr[..., None], "coords": coords, "values": values}
+
+    def validate(self, config: DataConfig) -> DataConfig:
+        return config.validate(points=True)
+
+
+make_sample = PointSample()  # the default example of the input pipeline
 
 
 DEFAULT_VALIDATION_SCALES = (2.0, 2.5, 3.0, 3.5, 4.0)
@@ -217,7 +248,7 @@ def validation_samples(volumes, config: DataConfig,
     from arssr_jax.errors import ArSSRError
 
     volumes = load_volumes(volumes)
-    config.validate()
+    config.validate(points=False)
     check_patch_fits(volumes, config.patch_size)
     biggest = max(hr_shape(config.lr_size, (s,))[0] for s in scales)
     if biggest > config.patch_size:

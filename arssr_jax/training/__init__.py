@@ -25,12 +25,13 @@ from arssr_jax.training.loop import TrainResult, train
 from arssr_jax.training.parallel import DistributedConfig, initialize, replicate, shard, unreplicate
 from arssr_jax.training.state import TrainState, create_train_state, make_optimizer
 from arssr_jax.training.step import BaselineValidator, Validator, arssr_loss, l1_loss, make_train_step
-from arssr_jax.training.tasks import ArSSRTask, BaselineTask, make_task
+from arssr_jax.training.examples import TricubicPair, make_tricubic_pair
+from arssr_jax.training.tasks import ArSSRTask, BaselineTask, Task, make_task
 
 __all__ = [
     "CheckpointStore", "load_trained", "BaselineConfig", "baseline", "OptimConfig", "TrainConfig", "ValidationConfig", "cpu_small",
     "load_config", "paper", "sample_volume_path", "save_config", "tiny", "TrainResult", "train", "DistributedConfig",
     "initialize", "replicate", "shard", "unreplicate", "TrainState", "create_train_state", "make_optimizer",
     "BaselineValidator", "Validator", "arssr_loss", "l1_loss", "make_train_step", "ArSSRTask", "BaselineTask",
-    "make_task",
+    "Task", "make_task", "TricubicPair", "make_tricubic_pair",
 ]

@@ -19,10 +19,11 @@ import os
 from pathlib import Path
 from typing import Optional, Tuple
 
-from arssr_jax.data import AugmentConfig, DataConfig
+from arssr_jax.data import AugmentConfig, DataConfig, make_sample
 from arssr_jax.errors import ArSSRError
 from arssr_jax.models import ModelConfig
 from arssr_jax.models.baselines import build_baseline
+from arssr_jax.training.examples import make_tricubic_pair
 from arssr_jax.weights.workdir import TRAIN_CONFIG_FILE
 
 CONFIG_FILE = TRAIN_CONFIG_FILE  # not config.json: that name marks a model directory
@@ -88,8 +89,8 @@ class BaselineConfig:
     name:    ``SRCNN3D``, ``DCSRN`` or ``ResCNN``.
     options: keyword arguments of its module (e.g. ``{"filters": [32, 16]}``); {} = defaults.
 
-    Its one scale is the data's (``data.scale_min == data.scale_max``); the data must
-    be ``task='baseline'`` and the validation scales just that scale.
+    Its one scale is the data's (``data.scale_min == data.scale_max``, isotropic); the
+    validation scales must be just that scale.
     """
 
     name: str = "SRCNN3D"
@@ -165,12 +166,10 @@ class TrainConfig:
         """Raise ArSSRError naming the first bad field; return self."""
         if self.baseline is not None:
             self._validate_baseline()
-        elif self.data.task != "arssr":
-            raise ArSSRError(f"data.task={self.data.task!r} but no baseline is set; set data.task='arssr' "
-                             "or give a baseline (e.g. arssr-jax train --baseline SRCNN3D --scale 2)")
         if self.loss not in LOSSES:
             raise ArSSRError(f"loss={self.loss!r}: use one of {LOSSES}")
-        self.data.validate()
+        # the data as the task's examples need it (ArSSR: K points per patch; a baseline: one scale)
+        (make_sample if self.baseline is None else make_tricubic_pair).validate(self.data)
         o = self.optim
         if not (o.learning_rate > 0):
             raise ArSSRError(f"optim.learning_rate={o.learning_rate!r}: must be > 0")
@@ -198,8 +197,6 @@ class TrainConfig:
     def _validate_baseline(self) -> None:
         build_baseline(self.baseline.name, self.baseline.options)  # names and options checked
         scale = self.data.scale_min
-        if self.data.task != "baseline":
-            raise ArSSRError(f"baseline {self.baseline.name}: set data.task='baseline' (it is {self.data.task!r})")
         if tuple(self.val.scales) != (scale,):
             raise ArSSRError(f"baseline {self.baseline.name} serves scale {scale:g} only; set val.scales=({scale:g},)")
 
@@ -216,11 +213,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        """The config of ``to_dict()`` (or a saved ``train_config.json``). Configs written before
+        the task was the config's ``baseline`` alone hold ``data.task`` ("arssr" or "baseline",
+        always agreeing with ``baseline``): it is dropped."""
         values = {k: v for k, v in values.items() if k != "format"}
         try:
             nested = {
                 "model": lambda d: ModelConfig.from_dict(dict(d)),
-                "data": lambda d: _build(DataConfig, d, augment=lambda a: _build(AugmentConfig, a)),
+                "data": lambda d: _build(DataConfig, _without(d, LEGACY_DATA_KEYS),
+                                         augment=lambda a: _build(AugmentConfig, a)),
                 "optim": lambda d: _build(OptimConfig, d),
                 "val": lambda d: _build(ValidationConfig, d),
                 "baseline": lambda d: None if d is None else _build(BaselineConfig, d),
@@ -231,6 +232,13 @@ class TrainConfig:
 
     def __str__(self) -> str:
         return self.to_json()
+
+
+LEGACY_DATA_KEYS = ("task",)  # read from old train_config.json files and ignored
+
+
+def _without(values, keys):
+    return {k: v for k, v in values.items() if k not in keys} if isinstance(values, dict) else values
 
 
 def _build(cls, values, **converters):
@@ -356,7 +364,7 @@ def baseline(name: str, scale: float, data_paths=None, val_paths=(), options=Non
         name=f"baseline_{name}_x{scale:g}",
         data=DataConfig(paths=data_paths, patch_size=patch, margin=0, lr_size=lr_size, scale_min=scale,
                         scale_max=scale, degrade="centred", batch_size=4, samples_per_volume=400,
-                        seed=0, worker_count=0, read_threads=1, prefetch=2, task="baseline"),
+                        seed=0, worker_count=0, read_threads=1, prefetch=2),
         optim=OptimConfig(learning_rate=1e-4, decay_every_epochs=200, decay_factor=0.5),
         val=ValidationConfig(paths=val_paths, scales=(scale,), patches_per_volume=4, every_epochs=2.0),
         epochs=20,

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from arssr_jax.coords import grid_for_shape
+from arssr_jax.inference import decode_grid
 from arssr_jax.models import ArSSR, decode_in_blocks, default_decode_block, encode
 from arssr_jax.training.state import TrainState
 
@@ -75,10 +77,12 @@ class Validator:
     """Predicts every voxel of fixed validation patches; reports mean L1 and PSNR.
 
     ``samples``: dicts with ``lr (n, n, n, 1)``, ``hr (m, m, m, 1)``, ``coords (m^3, 3)``,
-    ``scale (3,)`` (as ``arssr_jax.data.validation_samples`` makes them). The encoder runs
-    once per patch (one compilation per LR shape); coordinates are decoded in chunks of
-    ``chunk`` (padded, so one compilation). PSNR uses data_range = max(gt) - min(gt) per
-    patch (the paper's convention); the metrics are means over patches, plus per scale.
+    ``scale (3,)`` (as ``arssr_jax.data.validation_samples`` makes them: ``coords`` are the
+    HR patch's voxel centres, ``coords.make_grid(m, m, m)``). The encoder runs once per patch
+    (one compilation per LR shape); the HR voxel centres are decoded by
+    :func:`arssr_jax.inference.decode_grid`, in chunks of at most ``chunk`` voxels (one
+    compilation per HR shape), as inference decodes. PSNR uses data_range = max(gt) - min(gt)
+    per patch (the paper's convention); the metrics are means over patches, plus per scale.
     """
 
     def __init__(self, model: ArSSR, samples, chunk: int = 32768):
@@ -86,21 +90,13 @@ class Validator:
         self.samples = list(samples)
         self.chunk = int(chunk)
         self._encode = jax.jit(lambda params, lr: model.apply({"params": params}, lr, method=ArSSR.encode))
-        self._decode = jax.jit(lambda params, f, c: model.apply({"params": params}, f, c, method=ArSSR.decode))
 
     def predict(self, params, sample) -> np.ndarray:
-        """The prediction for every HR voxel of one sample, shaped like ``sample["hr"]``."""
-        features = self._encode(params, jnp.asarray(sample["lr"])[None])
-        coords = np.asarray(sample["coords"], np.float32)
-        total = coords.shape[0]
-        chunk = min(self.chunk, total) if total >= 1 else 1
-        pad = (-total) % chunk
-        if pad:
-            coords = np.concatenate([coords, np.zeros((pad, 3), np.float32)])
-        outs = [self._decode(params, features, jnp.asarray(coords[i:i + chunk])[None])
-                for i in range(0, coords.shape[0], chunk)]
-        pred = np.concatenate([np.asarray(o)[0, :, 0] for o in outs])[:total]
-        return pred.reshape(sample["hr"].shape)
+        """The prediction at every HR voxel centre of one sample, shaped like ``sample["hr"]``."""
+        features = self._encode(params, jnp.asarray(sample["lr"])[None])[0]
+        hr_shape = np.shape(sample["hr"])
+        grid = grid_for_shape(features.shape[:3], hr_shape[:3])
+        return decode_grid(self.model, params, features, grid, chunk=self.chunk).reshape(hr_shape)
 
     def __call__(self, params) -> dict:
         if not self.samples:

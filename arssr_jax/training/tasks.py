@@ -1,22 +1,54 @@
-"""What a run trains: ArSSR, or a fixed-scale baseline CNN, behind one interface.
+"""What a run trains: ArSSR, or a fixed-scale baseline CNN, behind one interface (:class:`Task`).
 
-The loop, the pmapped step, checkpoints and logs are the same for both; a task only
-says how to initialise the parameters, the loss of a batch and how to validate:
+The data pipeline, the loop, the pmapped step, checkpoints and logs are the same for
+both; a task says what its batches hold (the example it makes from each patch draw),
+how to initialise the parameters, the loss of a batch and how to validate:
 
-* :class:`ArSSRTask`: the LR patch is encoded, K coordinates decoded; L1 on them.
-* :class:`BaselineTask`: the tricubic-upsampled LR patch goes through the CNN; L1 on
-  every HR voxel (the paper trains its baselines this way, one model per scale).
+* :class:`ArSSRTask`: examples are the LR patch and K points of the HR patch
+  (``arssr_jax.data.make_sample``); the LR patch is encoded, the K coordinates decoded;
+  L1 (or L2) on them.
+* :class:`BaselineTask`: examples are the tricubic-upsampled LR patch and the HR patch
+  (``examples.make_tricubic_pair``); the CNN maps one to the other; L1 on every HR voxel
+  (the paper trains its baselines this way, one model per scale).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
+from arssr_jax.data import ExampleMaker, make_sample
 from arssr_jax.models import build_model, init_params
 from arssr_jax.training.config import TrainConfig
+from arssr_jax.training.examples import make_tricubic_pair
 from arssr_jax.training.state import set_output_layer
 from arssr_jax.training.step import BaselineValidator, Validator, arssr_loss, l1_loss
+
+
+class Task(Protocol):
+    """What the training system needs of a task.
+
+    make_example:       the :class:`~arssr_jax.data.ExampleMaker` the input pipeline runs per
+                        sample (picklable and light: grain's workers import it); a batch is
+                        these examples stacked.
+    init_params(key):   the initial parameters.
+    loss:               ``loss(params, batch) -> scalar``, pure (it runs under jit and pmap).
+    validator(samples, chunk): scores parameters on validation patches (``__call__(params)``,
+                        ``interpolation()``, ``interpolation_name``, ``samples``).
+    description:        one line for the log.
+    checks_dead_output: a zero gradient at the first step means the model cannot learn.
+    """
+
+    make_example: ExampleMaker
+    description: str
+    checks_dead_output: bool
+
+    def init_params(self, key) -> Any: ...
+
+    @property
+    def loss(self) -> Callable: ...
+
+    def validator(self, samples, chunk: int) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +58,8 @@ class ArSSRTask:
     init_output: Optional[float] = None
     description: str = ""
     loss_name: str = "l1"
-    checks_dead_output = True  # a closed final ReLU gives a zero first gradient
+    make_example: ClassVar[ExampleMaker] = make_sample
+    checks_dead_output: ClassVar[bool] = True  # a closed final ReLU gives a zero first gradient
 
     def init_params(self, key):
         params = init_params(self.model, key, self.lr_shape)
@@ -44,7 +77,8 @@ class ArSSRTask:
 class BaselineTask:
     module: Any
     description: str = ""
-    checks_dead_output = False
+    make_example: ClassVar[ExampleMaker] = make_tricubic_pair
+    checks_dead_output: ClassVar[bool] = False
 
     def init_params(self, key):
         from arssr_jax.models.baselines import init_baseline
@@ -64,7 +98,7 @@ class BaselineTask:
         return BaselineValidator(self.module, samples)
 
 
-def make_task(config: TrainConfig):
+def make_task(config: TrainConfig) -> Task:
     """The task of a (validated) config."""
     if config.baseline is None:
         return ArSSRTask(build_model(config.model), (config.data.lr_size,) * 3, config.init_output,
