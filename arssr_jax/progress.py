@@ -7,8 +7,21 @@ import sys
 from tqdm.auto import tqdm
 
 
+def shows(enabled: bool = True) -> bool:
+    """Whether a bar is drawn: enabled and stderr a terminal (a log file gets no bars)."""
+    return bool(enabled) and sys.stderr.isatty()
+
+
 def progress_bar(iterable, desc: str, unit: str = "it", enabled: bool = True, total=None):
-    """tqdm over ``iterable`` when enabled and stderr is a terminal; the iterable itself otherwise."""
-    if not enabled or not sys.stderr.isatty():
+    """tqdm over ``iterable`` when it :func:`shows`; the iterable itself otherwise."""
+    if not shows(enabled):
         return iterable
     return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, dynamic_ncols=True)
+
+
+def progress_counter(total: int, desc: str, unit: str = "it", enabled: bool = True, initial: int = 0,
+                     leave: bool = False) -> tqdm:
+    """A bar advanced by hand (``update``, ``set_postfix``, ``write``, ``close``); disabled (every
+    call still valid, ``write`` prints) unless it :func:`shows`."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
+                disable=not shows(enabled), file=sys.stderr)

@@ -39,6 +39,7 @@ import numpy as np
 
 from arssr_jax import metrics as M
 from arssr_jax.errors import ArSSRError
+from arssr_jax.progress import progress_counter
 from arssr_jax.evaluation.runners import Runner
 from arssr_jax.evaluation.simulate import simulate_lr
 
@@ -177,12 +178,6 @@ def _check_fixed_scales(runners, scales) -> None:
                              f"which is not among the scales ({listed}); add it to --scales or leave it out")
 
 
-def _bar(total, desc, quiet):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="case", disable=True if quiet else None, leave=False)
-
-
 def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[Runner], scales,
                        *, degradation: str = "centred", metrics=METRICS, figure_volume: int = 0,
                        figure_scale: Optional[float] = None, quiet: bool = False,
@@ -197,7 +192,7 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
     _check_fixed_scales(runners, scales)
     fig_scale = _figure_scale(scales, figure_scale)
     records, figure = [], None
-    bar = _bar(len(volumes) * len(scales), "evaluate", quiet)
+    bar = progress_counter(len(volumes) * len(scales), "evaluate", unit="case", enabled=not quiet)
     try:
         for v, (name, hr) in enumerate(volumes):
             hr = np.asarray(hr() if callable(hr) else hr, np.float32)
@@ -244,7 +239,7 @@ def evaluate_real(scans: Sequence[tuple[str, np.ndarray]], runners: list[Runner]
     _check_fixed_scales(runners, scales)
     fig_scale = _figure_scale(scales, figure_scale)
     records, figure = [], None
-    bar = _bar(len(scans) * len(scales), "evaluate (real scans)", quiet)
+    bar = progress_counter(len(scans) * len(scales), "evaluate (real scans)", unit="case", enabled=not quiet)
     try:
         for v, (name, lr) in enumerate(scans):
             lr = np.asarray(lr() if callable(lr) else lr, np.float32)
