@@ -1,12 +1,15 @@
 """The folded-2D and Winograd convolutions (CPU) equal lax's 3D convolution, forward and backward."""
 
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from arssr_jax.models import conv as conv_module
-from arssr_jax.models.conv import CONV_IMPLS, ENV_VAR, Conv3d, conv3d_same, conv_impl
+from arssr_jax.models.conv import CONV_IMPL_CHOICES, CONV_IMPLS, Conv3d, conv3d_same, resolve_conv_impl
 
 CASES = [
     # (batch, spatial shape, k, cin, cout)
@@ -45,11 +48,10 @@ def test_fold2d_matches_lax_forward_and_gradient(case):
 
 
 def test_kernel_gradient_over_many_chunks(monkeypatch):
-    # 16^2 slices: 16 per kernel-gradient chunk; 3 x 20 slices -> 4 chunks (unrolled);
+    # Chunks of 4096 voxels = 16 slices of 16^2; 3 x 20 slices -> 4 chunks (unrolled);
     # 2 x 80 slices -> 10 chunks (over the limit set here: lax.scan, zero-padded batch).
-    from arssr_jax.models import conv
-
-    monkeypatch.setattr(conv, "_MAX_UNROLLED_CHUNKS", 8)
+    monkeypatch.setattr(conv_module, "_KERNEL_GRAD_CHUNK_VOXELS", 16 * 16 * 16)
+    monkeypatch.setattr(conv_module, "_MAX_UNROLLED_CHUNKS", 8)
     for n, d in ((3, 20), (2, 80)):
         x, kernel, bias, g = _inputs(n, (d, 16, 16), 3, 2, 3, seed=n)
         grad = lambda impl: jax.grad(lambda k: jnp.sum(conv3d_same(x, k, bias, impl=impl) * g))(kernel)
@@ -93,32 +95,34 @@ def test_winograd_matches_lax_forward_and_gradient(case):
     assert max(errors) < 5e-6
 
 
-# 6x9x7 gets tile sizes 2x2x4 (7 pads to 8 either way): 3 x 5 x 2 tiles of 4*4*6 = 96
-# transformed positions, (16 + 8) channels each.
-SLAB_TILE_BYTES = 96 * (16 + 8) * 4
-
-
-@pytest.mark.parametrize("tiles_per_slab, slab", [
-    (1, (1, 1, 1)),   # one tile row at a time
-    (6, (1, 1, 3)),   # a few height tiles: 5 split 3 + 2 (the last slab padded)
-    (20, (1, 2, 5)),  # a few depth tiles: 3 split 2 + 1
-    (60, (2, 3, 5)),  # whole samples, 2 of the 4
-])
-def test_winograd_slabs(monkeypatch, tiles_per_slab, slab):
-    monkeypatch.setattr(conv_module, "_WINOGRAD_SLAB_BYTES", tiles_per_slab * SLAB_TILE_BYTES)
-    x, kernel, bias, g = _inputs(4, (6, 9, 7), 3, 16, 8, seed=tiles_per_slab % 7)
-    sizes, tiles, planned, counts = conv_module._winograd_plan(x.shape, 8)
-    assert (sizes, tiles, planned) == ((2, 2, 4), [3, 5, 2], slab)
-    assert counts[0] * counts[1] * counts[2] > 1
+@pytest.mark.parametrize("budget_tiles", [1, 6, 20, 60])
+def test_winograd_slabs(monkeypatch, budget_tiles):
+    # A slab budget of a few tiles' transformed data splits the batch of 4 into several
+    # slabs: one tile row, part of the height, part of the depth, whole samples.
+    n, shape, cin, cout = 4, (6, 9, 7), 16, 8
+    layout = conv_module._winograd_layout((n, *shape, cin), cout)
+    tile_bytes = layout.positions * (cin + cout) * 4
+    monkeypatch.setattr(conv_module, "_WINOGRAD_SLAB_BYTES", budget_tiles * tile_bytes)
+    layout = conv_module._winograd_layout((n, *shape, cin), cout)
+    assert layout.count > 1
+    # The slabs cover the volume, and each holds at most the budget (or a single tile row).
+    assert all(p >= s for p, s in zip(layout.size, shape))
+    assert layout.counts[0] * layout.slab[0] == n
+    assert [e * c for e, c in zip(layout.extent[:2], layout.counts[1:])] == list(layout.size[:2])
+    per_slab = layout.slab[0] * math.prod(layout.tiles)
+    assert per_slab <= budget_tiles or per_slab == layout.tiles[2]
+    x, kernel, bias, g = _inputs(n, shape, 3, cin, cout, seed=budget_tiles % 7)
     _check_against_lax(x, kernel, bias, g, lambda *a: conv3d_same(*a, impl="winograd"))
 
 
 def test_winograd_tile_sizes():
-    # F(4, 3) where it pads no more than F(2, 3) (length 0 or 3 mod 4), on two axes at most.
+    # F(4, 3) only where it pads no more than F(2, 3), and on two axes at most (accuracy);
+    # a 48^3 volume gets 4 x 4 x 2 tiles (README, "Performance").
     assert conv_module._winograd_tile_sizes((48, 48, 48)) == (4, 4, 2)
-    assert conv_module._winograd_tile_sizes((10, 7, 12)) == (2, 4, 4)
-    assert conv_module._winograd_tile_sizes((13, 10, 9)) == (2, 2, 2)
-    assert conv_module._winograd_tile_sizes((91, 109, 91)) == (4, 2, 4)
+    for shape in itertools.product(range(1, 14), repeat=3):
+        sizes = conv_module._winograd_tile_sizes(shape)
+        assert set(sizes) <= {2, 4} and sizes.count(4) <= 2
+        assert all(-(-s // m) * m == -(-s // 2) * 2 for s, m in zip(shape, sizes))
 
 
 @pytest.mark.parametrize("m", [2, 4])
@@ -156,31 +160,27 @@ def test_bfloat16_products_agree(impl):
     np.testing.assert_allclose(dk, dk_lax, rtol=5e-2, atol=5e-2 * float(jnp.max(jnp.abs(dk_lax))))
 
 
-def test_choice_by_backend_and_override(monkeypatch):
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    assert conv_impl(backend="cpu") == "winograd"
-    assert conv_impl(backend="gpu") == "lax"
-    assert conv_impl(backend="tpu") == "lax"
-    assert conv_impl("lax", backend="cpu") == "lax"
-    monkeypatch.setenv(ENV_VAR, "lax")
-    assert conv_impl(backend="cpu") == "lax"
-    assert conv_impl("fold2d", backend="gpu") == "fold2d"
-    monkeypatch.setenv(ENV_VAR, "fold2d")
-    assert conv_impl(backend="cpu") == "fold2d"
-    monkeypatch.setenv(ENV_VAR, "winograd")
-    assert conv_impl(backend="gpu") == "winograd"
-    monkeypatch.setenv(ENV_VAR, "auto")
-    assert conv_impl(backend="gpu") == "lax"
-    assert conv_impl(backend="cpu") == "winograd"
-    monkeypatch.setenv(ENV_VAR, "direct")
-    with pytest.raises(ValueError, match="direct"):
-        conv_impl()
+def test_choice_by_backend_and_explicit(monkeypatch):
+    assert resolve_conv_impl(backend="cpu") == "winograd"
+    assert resolve_conv_impl("auto", backend="gpu") == "lax"
+    assert resolve_conv_impl("auto", backend="tpu") == "lax"
+    for impl in CONV_IMPLS:
+        assert resolve_conv_impl(impl, backend="cpu") == resolve_conv_impl(impl, backend="gpu") == impl
+    # The choice is an argument, never read from the environment.
+    monkeypatch.setenv("ARSSR_CONV_IMPL", "lax")
+    assert resolve_conv_impl(backend="cpu") == "winograd"
+    for bad in ("direct", "", None, "LAX"):
+        with pytest.raises(ValueError, match="auto, lax, fold2d, winograd"):
+            resolve_conv_impl(bad)
+    x, kernel, bias, _ = _inputs(1, (3, 3, 3), 3, 1, 1)
+    with pytest.raises(ValueError, match="'direct'"):
+        conv3d_same(x, kernel, bias, impl="direct")
 
 
 def test_module_implementations_share_parameters():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 5, 4, 6, 3)), jnp.float32)
     params = Conv3d(6, impl="lax").init(jax.random.key(0), x)
     a = Conv3d(6, impl="lax").apply(params, x)
-    for impl in CONV_IMPLS:
+    for impl in CONV_IMPL_CHOICES:
         b = Conv3d(6, impl=impl).apply(params, x)
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

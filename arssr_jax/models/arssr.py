@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from arssr_jax.models.conv import CONV_IMPL_CHOICES
 from arssr_jax.models.decoder import Decoder
 from arssr_jax.models.encoders import ENCODERS
 from arssr_jax.sampling import PADDING_MODES, sample_features_batched
@@ -36,6 +37,10 @@ class ModelConfig:
     padding: str = "zeros"  # feature sampling outside the volume: "zeros" (reference) or "border"
     compute_dtype: str = "float32"  # "bfloat16": bf16 products, float32 parameters and sums
     residual: str = "none"  # "tricubic": predict a correction to the tricubic interpolant
+    # The convolution's formulation (arssr_jax.models.conv): "auto" (Winograd on the CPU
+    # backend, lax elsewhere), "lax", "fold2d" or "winograd". Same parameters and results
+    # within float32 rounding; only speed differs.
+    conv_impl: str = "auto"
 
     def __post_init__(self):
         options = self.encoder_options
@@ -54,6 +59,8 @@ class ModelConfig:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
         if self.residual not in RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
+        if not isinstance(self.conv_impl, str) or self.conv_impl not in CONV_IMPL_CHOICES:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPL_CHOICES}, got {self.conv_impl!r:.40}")
 
     @property
     def encoded_channels(self) -> int:
@@ -101,7 +108,8 @@ def _check_sizes(config: "ModelConfig") -> None:
     if config.decoder_depth % 2:
         raise ValueError(f"decoder_depth must be even (two stages of equal depth), got {config.decoder_depth}")
     encoder = ENCODERS[config.encoder]
-    known = sorted(f for f in encoder.__dataclass_fields__ if f not in ("parent", "name", "feature_dim", "dtype"))
+    set_by_config = ("parent", "name", "feature_dim", "dtype", "conv_impl")
+    known = sorted(f for f in encoder.__dataclass_fields__ if f not in set_by_config)
     options = []
     for key, value in config.encoder_options:
         if key not in known:
@@ -158,7 +166,8 @@ class ArSSR(nn.Module):
 
 
 def build_encoder(config: ModelConfig, dtype=jnp.float32) -> nn.Module:
-    return ENCODERS[config.encoder](feature_dim=config.feature_dim, dtype=dtype, **dict(config.encoder_options))
+    return ENCODERS[config.encoder](feature_dim=config.feature_dim, dtype=dtype, conv_impl=config.conv_impl,
+                                    **dict(config.encoder_options))
 
 
 def receptive_radius(config: ModelConfig) -> int:

@@ -22,6 +22,9 @@ model is trained per scale, as in the paper. ``BASELINES`` maps name -> module c
   ``feature_dim=1``: its output is ``input + conv_end(...)``, i.e. a residual CNN
   predicting a correction of the interpolated input (global residual).
 
+Each takes ``conv_impl`` (an option like any other; "auto", "lax", "fold2d" or "winograd",
+see :mod:`arssr_jax.models.conv`): the convolution's formulation, which changes no parameter.
+
 Their model directories are read and written by :mod:`arssr_jax.weights.baseline_dir`.
 """
 
@@ -43,7 +46,7 @@ from arssr_jax.interpolation import (  # noqa: F401 (re-exported: baselines of t
     nearest,
     tricubic,
 )
-from arssr_jax.models.conv import Conv3d
+from arssr_jax.models.conv import Conv3d, resolve_conv_impl
 from arssr_jax.models.encoders import ResCNN
 from arssr_jax.tiling import tiled_apply
 
@@ -59,14 +62,17 @@ class SRCNN3D(nn.Module):
     filters: Sequence[int] = (64, 32)
     residual: bool = False
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         f1, f2, f3 = self.kernels
         n1, n2 = self.filters
-        y = nn.relu(Conv3d(n1, kernel=f1, dtype=self.dtype, name="conv1")(x))
-        y = nn.relu(Conv3d(n2, kernel=f2, dtype=self.dtype, name="conv2")(y))
-        y = Conv3d(1, kernel=f3, dtype=self.dtype, name="conv3")(y)
+        conv = lambda features, kernel, name: Conv3d(features, kernel=kernel, dtype=self.dtype,
+                                                     impl=self.conv_impl, name=name)
+        y = nn.relu(conv(n1, f1, "conv1")(x))
+        y = nn.relu(conv(n2, f2, "conv2")(y))
+        y = conv(1, f3, "conv3")(y)
         return x + y if self.residual else y
 
     def receptive_radius(self) -> int:
@@ -80,15 +86,18 @@ class DCSRN(nn.Module):
     num_units: int = 4
     norm: bool = False
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        y = Conv3d(2 * self.growth, dtype=self.dtype, name="conv_in")(x)
+        conv = lambda features, name, kernel=3: Conv3d(features, kernel=kernel, dtype=self.dtype,
+                                                       impl=self.conv_impl, name=name)
+        y = conv(2 * self.growth, "conv_in")(x)
         for u in range(self.num_units):
             h = nn.LayerNorm(name=f"norm{u}")(y) if self.norm else y
-            h = Conv3d(self.growth, dtype=self.dtype, name=f"unit{u}")(nn.elu(h))
+            h = conv(self.growth, f"unit{u}")(nn.elu(h))
             y = jnp.concatenate([y, h], axis=-1)
-        return Conv3d(1, kernel=1, dtype=self.dtype, name="reconstruct")(y)
+        return conv(1, "reconstruct", kernel=1)(y)
 
     def receptive_radius(self) -> int:
         return 1 + self.num_units
@@ -101,11 +110,13 @@ class ResCNNBaseline(nn.Module):
     num_blocks: int = 3
     convs_per_block: int = 6
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         return ResCNN(feature_dim=1, num_features=self.num_features, num_blocks=self.num_blocks,
-                      convs_per_block=self.convs_per_block, dtype=self.dtype, name="net")(x)
+                      convs_per_block=self.convs_per_block, dtype=self.dtype, conv_impl=self.conv_impl,
+                      name="net")(x)
 
     def receptive_radius(self) -> int:
         return 2 + self.num_blocks * self.convs_per_block
@@ -119,8 +130,9 @@ def build_baseline(name: str, options: dict | None = None) -> nn.Module:
         raise ArSSRError(f"unknown baseline {name!r}; choose one of {sorted(BASELINES)}")
     options = dict(options or {})
     try:
+        resolve_conv_impl(options.get("conv_impl", "auto"))
         return BASELINES[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ArSSRError(f"bad options {options} for baseline {name}: {error}") from None
 
 

@@ -1,46 +1,44 @@
 """A 3D "same" convolution with bias, channels-last: the one conv every model uses.
 
-Three formulations compute the same cross-correlation:
+Three formulations compute the same cross-correlation (equal within float32 rounding,
+forward and backward: tests/test_conv.py):
 
-- ``"lax"``: one ``lax.conv_general_dilated`` over (N, X, Y, Z, C). Best on GPU/TPU.
-- ``"fold2d"``: the first spatial axis is folded into the batch and the k^3 kernel
-  split into its k depth taps: k 2D convolutions over depth-shifted slices, summed
-  (a 1x1x1 kernel is a plain matrix product). XLA's CPU backend runs 2D
-  convolutions (and their input gradients) about 2.5-3x faster than the same work
-  as a 3D convolution. A custom VJP keeps the backward pass in the same fast form:
-  the input gradient is the same folded convolution with the flipped, transposed
-  kernel; the kernel gradient is the 2D kernel-gradient convolution of each depth
-  tap, taken over batch chunks of about 4096 voxels (XLA's CPU kernel-gradient
-  convolution slows down sharply on larger inputs).
-- ``"winograd"`` (3x3x3 kernels; other sizes fall back to ``"fold2d"``): Winograd
-  F(m0 x m1 x m2, 3x3x3). Per axis, F(m, 3) turns an (m + 2)-voxel input tile into m
-  outputs with m + 2 products; m is 4 on up to two axes whose length it pads no more
-  than m = 2 does (a 48^3 volume: 4 x 4 x 2 output tiles from 6 x 6 x 4 input tiles,
-  4.5 products per output instead of the direct 27), else 2. Tiles and kernel are
-  transformed (1D transforms, one axis at a time), multiplied as one channel matrix
-  product per transformed position, and transformed back. The transformed input is
-  4.5-8x the input, so the volume goes through a loop over slabs of at most ~32 MiB of
-  transformed data (cache-sized, no fresh pages). The custom VJP stays in this form:
-  the input gradient is the same convolution of the output gradient with the flipped,
-  transposed kernel, the kernel gradient a sum of transposed products over slabs.
-  Transforms and products are float32 whatever ``dtype`` (inputs are still rounded to
-  it): bfloat16 transformed tiles double the error. Rounding: F(2, 3) is within ~2x of
-  lax's; F(4, 3) on two axes ~5-10x lax's (~2e-6 of the output's range; the RDN
-  encoder 2.5e-6); on all three axes 6e-6 to 8e-6, so that is never used. On 2 CPU
-  cores the RDN encoder on 48^3 runs in 7.3 s with 4 x 4 x 2 tiles, 12.0 s with
-  2 x 2 x 2 (tests/test_conv.py, eval/benchmark_conv.py).
+- ``"lax"``: one ``lax.conv_general_dilated`` over (N, X, Y, Z, C); what GPUs and TPUs
+  run best.
+- ``"fold2d"``: the first spatial axis folded into the batch and the k^3 kernel split
+  into its k depth taps: k 2D convolutions over depth-shifted slices, summed, because
+  XLA's CPU backend runs 2D convolutions (and their input gradients) much faster than
+  the same work as one 3D convolution. A custom VJP keeps the backward pass in this
+  form: the input gradient is the same folded convolution with the flipped, transposed
+  kernel; the kernel gradient is the 2D kernel-gradient convolution of each depth tap,
+  over batch chunks of about ``_KERNEL_GRAD_CHUNK_VOXELS`` voxels (XLA's CPU
+  kernel-gradient convolution slows down sharply on larger inputs).
+- ``"winograd"``: Winograd F(m0 x m1 x m2, 3x3x3), for the fewest multiplications per
+  output (4.5 instead of the direct 27 with 4 x 4 x 2 tiles). Per axis, F(m, 3) turns
+  an (m + 2)-voxel input tile into m outputs with m + 2 products; m is 4 on up to two
+  axes whose length it pads no more than m = 2 does, else 2 (F(4, 3) on all three axes
+  rounds about 3x worse). Tiles and kernel are transformed one axis at a time,
+  multiplied as one channel matrix product per transformed position, and transformed
+  back, in float32 whatever ``dtype`` (bfloat16 tiles double the error). The
+  transformed input is several times the input, so the volume goes through in slabs
+  of at most about ``_WINOGRAD_SLAB_BYTES`` of transformed data (cache-sized
+  temporaries), laid out by :class:`WinogradLayout`. The custom VJP stays in this
+  form: the input gradient is the same convolution of the output gradient with the
+  flipped, transposed kernel, the kernel gradient a sum of products over the slabs.
 
-``conv3d_same(..., impl=None)`` picks ``"winograd"`` on the CPU backend (the fastest
-there) and ``"lax"`` elsewhere; the environment variable ``ARSSR_CONV_IMPL`` (``auto``,
-``lax``, ``fold2d`` or ``winograd``, read when a function is traced) or the ``impl``
-argument overrides it. All agree to float32 rounding (tests/test_conv.py).
+Off ``"lax"``, a 1x1x1 kernel is a plain matrix product, and ``"winograd"`` runs other
+kernel sizes as ``"fold2d"``: ``_FORMULATIONS`` is the one table of what runs. The
+choice is explicit (``ModelConfig.conv_impl`` -> the encoders -> ``Conv3d(impl=...)``);
+``"auto"`` is resolved by :func:`resolve_conv_impl` alone: ``"winograd"`` on the CPU
+backend, ``"lax"`` elsewhere. Measured speeds: README, "Performance" (printed by
+eval/benchmark_conv.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import os
 from fractions import Fraction
 from typing import Any
 
@@ -50,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 CONV_IMPLS = ("lax", "fold2d", "winograd")
-ENV_VAR = "ARSSR_CONV_IMPL"
+CONV_IMPL_CHOICES = ("auto", *CONV_IMPLS)
 _DIMENSIONS = ("NDHWC", "DHWIO", "NDHWC")
 _DIMENSIONS_2D = ("NHWC", "HWIO", "NHWC")
 _KERNEL_GRAD_CHUNK_VOXELS = 4096
@@ -58,14 +56,14 @@ _MAX_UNROLLED_CHUNKS = 64  # XLA's CPU conv inside lax.scan runs ~10-40x slower:
 _WINOGRAD_SLAB_BYTES = 32 << 20
 
 
-def conv_impl(impl: str | None = None, backend: str | None = None) -> str:
-    """The formulation to use: ``impl`` if given, else ``$ARSSR_CONV_IMPL``, else by backend."""
-    choice = impl or os.environ.get(ENV_VAR, "auto") or "auto"
-    if choice == "auto":
+def resolve_conv_impl(impl: str = "auto", backend: str | None = None) -> str:
+    """The formulation ``impl`` names; ``"auto"``: ``"winograd"`` on the CPU backend
+    (``backend``, default JAX's default backend), ``"lax"`` on any other."""
+    if not isinstance(impl, str) or impl not in CONV_IMPL_CHOICES:
+        raise ValueError(f"conv implementation must be one of {', '.join(CONV_IMPL_CHOICES)}; got {impl!r}")
+    if impl == "auto":
         return "winograd" if (backend or jax.default_backend()) == "cpu" else "lax"
-    if choice not in CONV_IMPLS:
-        raise ValueError(f"conv implementation must be 'auto' or one of {CONV_IMPLS}, got {choice!r}")
-    return choice
+    return impl
 
 
 def _same_pads(k: int) -> tuple[int, int]:
@@ -282,19 +280,52 @@ def _winograd_kernel(kernel, sizes):
     return u.reshape(-1, *kernel.shape[3:])
 
 
-def _winograd_plan(shape, cout):
-    """Tile sizes, tiles per axis, the slab (batch items, depth tiles, height tiles) and slab counts.
+@dataclasses.dataclass(frozen=True)
+class WinogradLayout:
+    """How the Winograd convolution walks a volume (all static, from the shapes).
+
+    ``sizes``: the output tile size m per spatial axis; ``tiles``: tiles per slab along
+    each spatial axis; ``slab``: (batch items, depth tiles, height tiles) per slab (a
+    slab spans the width); ``counts``: slabs along the batch, depth and height;
+    ``size``: the padded output size (whole slabs); ``extent``: a slab's spatial output
+    extent (its input extent is 2 more per axis).
+    """
+
+    sizes: tuple
+    tiles: tuple
+    slab: tuple
+    counts: tuple
+    size: tuple
+    extent: tuple
+
+    @property
+    def positions(self) -> int:
+        """Transformed positions of a tile: prod(m + 2)."""
+        return math.prod(m + 2 for m in self.sizes)
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.counts)
+
+    def start(self, i):
+        """(batch, x, y, 0, 0) where slab ``i`` begins in the padded input and output."""
+        (_, depth, height), (nb, sd, sh) = self.counts, self.slab
+        b, z, y = i // (depth * height), (i // height) % depth, i % height
+        return (b * nb, z * self.sizes[0] * sd, y * self.sizes[1] * sh, 0, 0)
+
+
+def _winograd_layout(shape, cout) -> WinogradLayout:
+    """The layout for input ``shape`` (N, X, Y, Z, Cin) and ``cout`` output channels.
 
     A slab holds at most about _WINOGRAD_SLAB_BYTES of transformed input and product
     (P * (Ci + Co) floats a tile): whole samples if they fit, else depth, then height
-    slices of one sample.
+    slices of one sample (balanced, so the last slab pads least).
     """
     n, d, h, w, cin = shape
     sizes = _winograd_tile_sizes((d, h, w))
-    tiles = [-(-s // m) for s, m in zip((d, h, w), sizes)]
+    td, th, tw = (-(-s // m) for s, m in zip((d, h, w), sizes))
     positions = math.prod(m + 2 for m in sizes)
     fit = max(1, _WINOGRAD_SLAB_BYTES // (positions * (cin + cout) * 4))
-    td, th, tw = tiles
     balanced = lambda total, most: -(-total // -(-total // max(1, most)))
     if fit >= td * th * tw:
         nb = max(k for k in range(1, n + 1) if n % k == 0 and k <= max(1, fit // (td * th * tw)))
@@ -303,22 +334,24 @@ def _winograd_plan(shape, cout):
         slab = (1, balanced(td, fit // (th * tw)), th)
     else:
         slab = (1, 1, balanced(th, fit // tw))
-    counts = (n // slab[0], -(-td // slab[1]), -(-th // slab[2]))
-    return sizes, tiles, slab, counts
-
-
-def _winograd_layout(shape, cout):
-    """What the slab loops need: tile sizes, tiles per slab, slab, slab counts, padded output
-    size, and a slab's spatial output extent (its input extent is 2 more per axis)."""
-    sizes, tiles, (nb, sd, sh), counts = _winograd_plan(shape, cout)
-    size = (sizes[0] * sd * counts[1], sizes[1] * sh * counts[2], sizes[2] * tiles[2])  # padded output
+    _, sd, sh = slab
+    counts = (n // slab[0], -(-td // sd), -(-th // sh))
+    size = (sizes[0] * sd * counts[1], sizes[1] * sh * counts[2], sizes[2] * tw)
     extent = (sizes[0] * sd, sizes[1] * sh, size[2])
-    return sizes, (sd, sh, tiles[2]), (nb, sd, sh), counts, size, extent
+    return WinogradLayout(sizes, (sd, sh, tw), slab, counts, size, extent)
 
 
-def _winograd_slab_start(i, slab, counts, sizes):
-    b, z, y = i // (counts[1] * counts[2]), (i // counts[2]) % counts[1], i % counts[2]
-    return (b * slab[0], z * sizes[0] * slab[1], y * sizes[1] * slab[2], 0, 0)
+def _over_slabs(layout: WinogradLayout, step, init):
+    """``carry = step(carry, start)`` for each slab in turn, ``start`` where it begins
+    (:meth:`WinogradLayout.start`); a lone slab is one call, no loop."""
+    if layout.count == 1:
+        return step(init, (0, 0, 0, 0, 0))
+    return jax.lax.fori_loop(0, layout.count, lambda i, carry: step(carry, layout.start(i)), init)
+
+
+def _window(a, start, shape):
+    """The window of ``a`` of ``shape`` at ``start``: ``a`` itself when it is all of it."""
+    return a if a.shape == tuple(shape) else jax.lax.dynamic_slice(a, start, shape)
 
 
 def _pad_to(x, size, halo):
@@ -326,56 +359,45 @@ def _pad_to(x, size, halo):
     return jnp.pad(x, ((0, 0), *((halo, p + halo - s) for p, s in zip(size, x.shape[1:4])), (0, 0)))
 
 
+def _slab_input(layout: WinogradLayout, cin):
+    """The shape of a slab's input window (2 more than its output per spatial axis)."""
+    return (layout.slab[0], *(e + 2 for e in layout.extent), cin)
+
+
 def _winograd_forward(x, kernel):
     n, d, h, w, cin = x.shape
     cout = kernel.shape[-1]
-    sizes, slab_tiles, (nb, sd, sh), counts, size, extent = _winograd_layout(x.shape, cout)
-    xp = _pad_to(x, size, 1)
-    u = _winograd_kernel(kernel, sizes)
+    layout = _winograd_layout(x.shape, cout)
+    xp = _pad_to(x, layout.size, 1)
+    u = _winograd_kernel(kernel, layout.sizes)
 
-    def slab(xs):
-        v = _winograd_input(xs.astype(jnp.float32), slab_tiles, sizes)
+    def step(y, start):
+        xs = _window(xp, start, _slab_input(layout, cin))
+        v = _winograd_input(xs.astype(jnp.float32), layout.tiles, layout.sizes)
         m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-        return _winograd_output(m, xs.shape[0], slab_tiles, sizes)
+        part = _winograd_output(m, xs.shape[0], layout.tiles, layout.sizes)
+        return part if part.shape == y.shape else jax.lax.dynamic_update_slice(y, part, start)
 
-    window = (nb, *(e + 2 for e in extent), cin)
-    count = math.prod(counts)
-    if count == 1:
-        y = slab(xp)
-    else:
-        def body(i, y):
-            start = _winograd_slab_start(i, (nb, sd, sh), counts, sizes)
-            return jax.lax.dynamic_update_slice(y, slab(jax.lax.dynamic_slice(xp, start, window)), start)
-
-        y = jax.lax.fori_loop(0, count, body, jnp.zeros((n, *size, cout), jnp.float32))
-    return y[:, :d, :h, :w] if size != (d, h, w) else y
+    y = _over_slabs(layout, step, jnp.zeros((n, *layout.size, cout), jnp.float32))
+    return y[:, :d, :h, :w] if layout.size != (d, h, w) else y
 
 
 def _winograd_kernel_grad(x, g, kernel_shape):
     """d(sum(winograd(x, k) * g)) / dk: sum over slabs of V^T (A-adjoint of g), then G^T . G."""
     cin, cout = x.shape[-1], kernel_shape[-1]
-    sizes, slab_tiles, (nb, sd, sh), counts, size, extent = _winograd_layout(x.shape, cout)
-    xp, gp = _pad_to(x, size, 1), _pad_to(g, size, 0)
+    layout = _winograd_layout(x.shape, cout)
+    xp, gp = _pad_to(x, layout.size, 1), _pad_to(g, layout.size, 0)
 
-    def slab(xs, gs):
-        v = _winograd_input(xs.astype(jnp.float32), slab_tiles, sizes)
-        dm = _winograd_output_adjoint(gs.astype(jnp.float32), slab_tiles, sizes)
-        return jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    def step(du, start):
+        xs = _window(xp, start, _slab_input(layout, cin))
+        gs = _window(gp, start, (layout.slab[0], *layout.extent, cout))
+        v = _winograd_input(xs.astype(jnp.float32), layout.tiles, layout.sizes)
+        dm = _winograd_output_adjoint(gs.astype(jnp.float32), layout.tiles, layout.sizes)
+        return du + jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
 
-    count = math.prod(counts)
-    if count == 1:
-        du = slab(xp, gp)
-    else:
-        def body(i, du):
-            start = _winograd_slab_start(i, (nb, sd, sh), counts, sizes)
-            xs = jax.lax.dynamic_slice(xp, start, (nb, *(e + 2 for e in extent), cin))
-            gs = jax.lax.dynamic_slice(gp, start, (nb, *extent, cout))
-            return du + slab(xs, gs)
-
-        positions = math.prod(m + 2 for m in sizes)
-        du = jax.lax.fori_loop(0, count, body, jnp.zeros((positions, cin, cout), jnp.float32))
-    du = du.reshape(*(m + 2 for m in sizes), cin, cout)
-    return jnp.einsum("ai,bj,ck,abcxy->ijkxy", *_kernel_transforms(sizes), du,
+    du = _over_slabs(layout, step, jnp.zeros((layout.positions, cin, cout), jnp.float32))
+    du = du.reshape(*(m + 2 for m in layout.sizes), cin, cout)
+    return jnp.einsum("ai,bj,ck,abcxy->ijkxy", *_kernel_transforms(layout.sizes), du,
                       precision=jax.lax.Precision.HIGHEST)
 
 
@@ -399,23 +421,31 @@ def _winograd_bwd(residuals, g):
 _winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 
-def conv3d_same(x, kernel, bias, dtype=jnp.float32, impl: str | None = None):
+def _pointwise(x, kernel):
+    """A 1x1x1 kernel: one matrix product over the channels."""
+    return jnp.dot(x, kernel[0, 0, 0], preferred_element_type=jnp.float32)
+
+
+# The one selection table: formulation -> {kernel shape: function}, None for any other shape.
+# Off lax a 1x1x1 kernel is a matrix product; Winograd covers 3x3x3, fold2d the rest.
+_FOLDED = {(1, 1, 1): _pointwise, None: _fold2d}
+_FORMULATIONS = {
+    "lax": {None: _conv_lax},
+    "fold2d": _FOLDED,
+    "winograd": {**_FOLDED, (3, 3, 3): _winograd},
+}
+
+
+def conv3d_same(x, kernel, bias, dtype=jnp.float32, impl: str = "auto"):
     """Cross-correlation of x (N, X, Y, Z, Cin) with kernel (k, k, k, Cin, Cout), zero 'same' padding.
 
     Products in ``dtype`` (``"winograd"``: float32), sums and result float32. ``impl``:
-    None/"auto", "lax", "fold2d" or "winograd" (see the module docstring); every choice
-    gives the same result.
+    "auto", "lax", "fold2d" or "winograd" (see the module docstring); every choice
+    gives the same result within float32 rounding.
     """
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    impl = conv_impl(impl)
-    if impl == "lax":
-        y = _conv_lax(x, kernel)
-    elif kernel.shape[:3] == (1, 1, 1):
-        y = jnp.dot(x, kernel[0, 0, 0], preferred_element_type=jnp.float32)
-    elif impl == "winograd" and kernel.shape[:3] == (3, 3, 3):
-        y = _winograd(x, kernel)
-    else:
-        y = _fold2d(x, kernel)
+    by_shape = _FORMULATIONS[resolve_conv_impl(impl)]
+    y = by_shape.get(tuple(kernel.shape[:3]), by_shape[None])(x, kernel)
     return y + bias.astype(jnp.float32)
 
 
@@ -424,13 +454,14 @@ class Conv3d(nn.Module):
 
     Parameters ``kernel`` (k, k, k, in, out) and ``bias`` (out,) are float32; the
     products run in ``dtype`` (float32 by default, bfloat16 as an option) and
-    accumulate in float32. ``impl`` chooses the formulation (None: by backend).
+    accumulate in float32. ``impl`` chooses the formulation ("auto": by backend); it
+    changes no parameter.
     """
 
     features: int
     kernel: int = 3
     dtype: Any = jnp.float32
-    impl: str | None = None
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):

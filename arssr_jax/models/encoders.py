@@ -5,6 +5,9 @@ Each encoder maps (N, X, Y, Z, 1) to (N, X, Y, Z, feature_dim): no upscaling.
 Sub-module names mirror the reference's state_dict so the weight mapping stays
 readable (see arssr_jax/weights/reference.py).
 
+``conv_impl`` chooses the convolution's formulation (:mod:`arssr_jax.models.conv`;
+"auto": by backend); it changes no parameter.
+
 Each encoder knows its own size for whole-volume inference: ``receptive_radius()``
 (voxels an output voxel depends on along each axis, each side: the tile halo) and
 ``activation_channels()`` (a generous bound on its live activations per voxel).
@@ -23,10 +26,11 @@ from arssr_jax.models.conv import Conv3d
 class DenseLayer(nn.Module):
     growth: int
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        y = nn.relu(Conv3d(self.growth, dtype=self.dtype, name="conv")(x))
+        y = nn.relu(Conv3d(self.growth, dtype=self.dtype, impl=self.conv_impl, name="conv")(x))
         return jnp.concatenate([x, y], axis=-1)
 
 
@@ -37,13 +41,14 @@ class ResidualDenseBlock(nn.Module):
     growth: int
     num_layers: int
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         y = x
         for i in range(self.num_layers):
-            y = DenseLayer(self.growth, dtype=self.dtype, name=f"layers_{i}")(y)
-        return x + Conv3d(self.num_features, kernel=1, dtype=self.dtype, name="lff")(y)
+            y = DenseLayer(self.growth, dtype=self.dtype, conv_impl=self.conv_impl, name=f"layers_{i}")(y)
+        return x + Conv3d(self.num_features, kernel=1, dtype=self.dtype, impl=self.conv_impl, name="lff")(y)
 
 
 class RDN(nn.Module):
@@ -55,16 +60,19 @@ class RDN(nn.Module):
     num_blocks: int = 8
     num_layers: int = 3
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, volume):
-        conv = lambda features, name, kernel=3: Conv3d(features, kernel=kernel, dtype=self.dtype, name=name)
+        conv = lambda features, name, kernel=3: Conv3d(features, kernel=kernel, dtype=self.dtype,
+                                                       impl=self.conv_impl, name=name)
         shallow = conv(self.num_features, "sfe1")(volume)
         x = conv(self.num_features, "sfe2")(shallow)
         block_outputs = []
         for b in range(self.num_blocks):
             x = ResidualDenseBlock(
-                self.num_features, self.growth, self.num_layers, dtype=self.dtype, name=f"rdbs_{b}"
+                self.num_features, self.growth, self.num_layers, dtype=self.dtype,
+                conv_impl=self.conv_impl, name=f"rdbs_{b}",
             )(x)
             block_outputs.append(x)
         fused = conv(self.num_features, "gff_0", kernel=1)(jnp.concatenate(block_outputs, axis=-1))
@@ -87,17 +95,19 @@ class ResCNN(nn.Module):
     num_blocks: int = 3
     convs_per_block: int = 6
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, volume):
-        x = nn.relu(Conv3d(self.num_features, dtype=self.dtype, name="conv_start")(volume))
+        conv = lambda features, name: Conv3d(features, dtype=self.dtype, impl=self.conv_impl, name=name)
+        x = nn.relu(conv(self.num_features, "conv_start")(volume))
         for b in range(1, self.num_blocks + 1):
             y = x
             for i in range(self.convs_per_block):
-                y = nn.relu(Conv3d(self.num_features, dtype=self.dtype, name=f"block{b}_{i}")(y))
+                y = nn.relu(conv(self.num_features, f"block{b}_{i}")(y))
             x = y + x
         # The one-channel input is broadcast onto every feature channel (global skip).
-        return volume + Conv3d(self.feature_dim, dtype=self.dtype, name="conv_end")(x)
+        return volume + conv(self.feature_dim, "conv_end")(x)
 
     def receptive_radius(self) -> int:
         return 2 + self.num_blocks * self.convs_per_block  # conv_start, conv_end
@@ -113,15 +123,17 @@ class SRResNet(nn.Module):
     num_features: int = 64
     num_blocks: int = 18
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, volume):
-        x = Conv3d(self.num_features, dtype=self.dtype, name="head")(volume)
+        conv = lambda features, name: Conv3d(features, dtype=self.dtype, impl=self.conv_impl, name=name)
+        x = conv(self.num_features, "head")(volume)
         for b in range(1, self.num_blocks + 1):
-            y = nn.relu(Conv3d(self.num_features, dtype=self.dtype, name=f"res{b}_conv1")(x))
-            x = x + Conv3d(self.num_features, dtype=self.dtype, name=f"res{b}_conv2")(y)
-        x = Conv3d(self.num_features, dtype=self.dtype, name="body_end")(x)
-        return Conv3d(self.feature_dim, dtype=self.dtype, name="tail")(x)
+            y = nn.relu(conv(self.num_features, f"res{b}_conv1")(x))
+            x = x + conv(self.num_features, f"res{b}_conv2")(y)
+        x = conv(self.num_features, "body_end")(x)
+        return conv(self.feature_dim, "tail")(x)
 
     def receptive_radius(self) -> int:
         return 3 + 2 * self.num_blocks  # head, body_end, tail; two per block
