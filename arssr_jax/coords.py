@@ -54,7 +54,7 @@ def index_to_normalised(index, n):
 # A target grid is an HR shape plus the 4x4 map from HR voxel indices to continuous LR
 # voxel indices. Its world affine is lr_affine @ index_map, so every HR voxel centre is
 # placed exactly where it was sampled (the reference's "keep origin, divide spacing"
-# misplaces the grid: REFERENCE.md section 4).
+# misplaces the grid: docs/REFERENCE.md section 4).
 
 
 @dataclass(frozen=True)

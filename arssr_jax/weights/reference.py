@@ -1,6 +1,6 @@
 """Map the PyTorch reference's state_dict onto this project's Flax parameters.
 
-Names: REFERENCE.md section 2. Layouts: torch conv weights (out, in, kD, kH, kW) become
+Names: docs/REFERENCE.md section 2. Layouts: torch conv weights (out, in, kD, kH, kW) become
 Flax kernels (kD, kH, kW, in, out); Linear weights (out, in) become (in, out).
 
 Axis order: the reference saw volumes as SimpleITK arrays, the transpose of
