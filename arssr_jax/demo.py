@@ -32,7 +32,7 @@ def run_demo(out_dir=".", model=None, progress=True, log=print) -> dict:
     from arssr_jax.evaluation.figures import slices_figure
     from arssr_jax.evaluation.protocol import FigureCase
     from arssr_jax.inference import upsample_nifti
-    from arssr_jax.models.baselines import nearest, tricubic
+    from arssr_jax.interpolation import nearest, tricubic
 
     out_dir = Path(out_dir)
     if not out_dir.is_dir():

@@ -12,6 +12,7 @@ from scipy import ndimage
 from arssr_jax.errors import ArSSRError
 from arssr_jax.metrics import psnr
 from arssr_jax.coords import centre_positions
+from arssr_jax import interpolation as interp
 from arssr_jax.models import baselines as B
 from arssr_jax.weights import baseline_dir
 from arssr_jax.models.arssr import count_params
@@ -49,7 +50,7 @@ def test_tricubic_reproduces_a_linear_ramp_in_the_interior():
     n, m = (16, 14, 12), (37, 33, 25)
     index = np.meshgrid(*[np.arange(k, dtype=np.float64) for k in n], indexing="ij")
     ramp = lambda p: 0.3 * p[0] - 0.2 * p[1] + 0.1 * p[2] + 1.0
-    out = B.tricubic(ramp(index), shape=m)
+    out = interp.tricubic(ramp(index), shape=m)
     assert out.shape == m and out.dtype == np.float32
     positions = [centre_positions(b, a) for a, b in zip(n, m)]
     # HR voxel i of m over n LR voxels sits at LR index (i + 0.5) n / m - 0.5.
@@ -67,7 +68,7 @@ def test_tricubic_matches_scipy_zoom_grid_mode(shape):
     expected = ndimage.zoom(lr, zoom, order=3, grid_mode=True, mode="reflect")
     if expected.shape != shape:
         pytest.skip("zoom rounds to another shape")
-    np.testing.assert_allclose(B.tricubic(lr, shape=shape), expected, atol=1e-5)
+    np.testing.assert_allclose(interp.tricubic(lr, shape=shape), expected, atol=1e-5)
 
 
 def test_tricubic_equals_3d_map_coordinates_and_accepts_a_scale():
@@ -75,11 +76,11 @@ def test_tricubic_equals_3d_map_coordinates_and_accepts_a_scale():
     shape = (17, 20, 11)
     points = np.meshgrid(*[centre_positions(m, n) for n, m in zip(lr.shape, shape)], indexing="ij")
     expected = ndimage.map_coordinates(lr, points, order=3, mode="reflect", prefilter=True)
-    np.testing.assert_allclose(B.tricubic(lr, shape=shape), expected, atol=1e-5)
-    assert B.tricubic(lr, scale=2.5).shape == (17, 22, 20)  # int(n * s), as ArSSR's grid
-    assert B.nearest(lr, shape=shape).shape == shape
+    np.testing.assert_allclose(interp.tricubic(lr, shape=shape), expected, atol=1e-5)
+    assert interp.tricubic(lr, scale=2.5).shape == (17, 22, 20)  # int(n * s), as ArSSR's grid
+    assert interp.nearest(lr, shape=shape).shape == shape
     with pytest.raises(ArSSRError):
-        B.tricubic(lr[0], shape=(4, 4))
+        interp.tricubic(lr[0], shape=(4, 4))
 
 
 def test_tricubic_beats_nearest_neighbour():
@@ -87,7 +88,7 @@ def test_tricubic_beats_nearest_neighbour():
 
     hr = anatomical()
     lr = simulate_lr(hr, 2.0)
-    assert psnr(B.tricubic(lr, shape=hr.shape), hr) > psnr(B.nearest(lr, shape=hr.shape), hr) + 1.0
+    assert psnr(interp.tricubic(lr, shape=hr.shape), hr) > psnr(interp.nearest(lr, shape=hr.shape), hr) + 1.0
 
 
 # ------------------------------------------------------------------ networks

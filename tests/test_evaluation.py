@@ -18,6 +18,7 @@ from arssr_jax.evaluation import protocol, tables
 from arssr_jax.evaluation.cli import main
 from arssr_jax.evaluation.simulate import lr_shape_for, simulate, simulate_lr
 from arssr_jax.metrics import psnr
+from arssr_jax import interpolation as interp
 from arssr_jax.models import ModelConfig, baselines as B, build_model, init_params
 from arssr_jax.weights.baseline_dir import save_baseline
 from arssr_jax.weights import save_model
@@ -118,7 +119,7 @@ def test_simulated_tables_have_the_paper_layout(simulated):
     assert all(np.isfinite(float(r["psnr"])) and 0 <= float(r["dice"]) <= 1 for r in rows[1:])
     # The table's tricubic row is the metric of the tricubic upsampling of the simulated LR.
     hr = normalised_anatomical()
-    direct = psnr(B.tricubic(simulate_lr(hr, 2.0), shape=hr.shape), hr)
+    direct = psnr(interp.tricubic(simulate_lr(hr, 2.0), shape=hr.shape), hr)
     assert float(rows[1]["psnr"]) == pytest.approx(direct, abs=1e-6)
 
     md = (simulated / "results.md").read_text()
@@ -216,7 +217,7 @@ def test_heldout_options_head_bands_clip_and_one_table_per_volume(tmp_path):
     cubic = [r for r in rows if r["model"] == "tricubic"][0]
     hr = data[:, :, :20]
     lr = np.maximum(simulate_lr(hr, 2.0), 0.0)  # --clip-lr: the same LR the rows were scored on
-    sr = B.tricubic(lr, shape=hr.shape)
+    sr = interp.tricubic(lr, shape=hr.shape)
     head = protocol.head_mask(hr)
     assert float(cubic["psnr_head"]) == pytest.approx(psnr(sr, hr, mask=head), rel=1e-5)
     assert float(cubic["mae_band_0"]) == pytest.approx(protocol.band_errors(sr, hr)["mae_band_0"], rel=1e-5)

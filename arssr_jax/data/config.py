@@ -154,7 +154,7 @@ class DataConfig:
 
     @classmethod
     def reference(cls, paths: Union[str, Tuple[str, ...]] = (), **overrides) -> "DataConfig":
-        """The reference's training data setup (REFERENCE.md section 3)."""
+        """The reference's training data setup (docs/REFERENCE.md section 3)."""
         values = dict(paths=paths, patch_size=40, margin=40, lr_size=10, scale_min=2.0,
                       scale_max=4.0, rounding="reference", degrade="reference",
                       samples_per_step=8000, batch_size=15, samples_per_volume=6,

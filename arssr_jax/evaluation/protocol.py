@@ -232,7 +232,7 @@ def evaluate_real(scans: Sequence[tuple[str, np.ndarray]], runners: list[Runner]
                   quiet: bool = False) -> Results:
     """``scans``: (name, LR array normalised to [0, 1], or a function loading it) pairs."""
     from arssr_jax.coords import grid_for_scale
-    from arssr_jax.models.baselines import tricubic
+    from arssr_jax.interpolation import tricubic
 
     scales = check_scales(scales)
     metrics = check_metrics(metrics, real=True)

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from arssr_jax.errors import ArSSRError
+from arssr_jax.interpolation import INTERPOLATORS
 from arssr_jax.models import baselines
 from arssr_jax.weights.baseline_dir import load_baseline
 
@@ -48,9 +49,9 @@ class Runner:
 
 
 def interpolation_runner(name: str = "tricubic") -> Runner:
-    if name not in baselines.INTERPOLATORS:
-        raise ArSSRError(f"unknown interpolation {name!r}; choose one of {sorted(baselines.INTERPOLATORS)}")
-    function = baselines.INTERPOLATORS[name]
+    if name not in INTERPOLATORS:
+        raise ArSSRError(f"unknown interpolation {name!r}; choose one of {sorted(INTERPOLATORS)}")
+    function = INTERPOLATORS[name]
     return Runner(name, "interpolation", lambda lr, shape: function(lr, shape=shape))
 
 

@@ -1,7 +1,6 @@
-"""Baselines of the ArSSR paper's comparison (REFERENCE.md section 5).
+"""Baselines of the ArSSR paper's comparison (docs/REFERENCE.md section 5).
 
-Interpolation (``tricubic``, ``nearest``; re-exported here) lives in
-:mod:`arssr_jax.interpolation`.
+Interpolation (``tricubic``, ``nearest``) lives in :mod:`arssr_jax.interpolation`.
 
 Fixed-scale CNNs (flax linen, channels-last ``(N, X, Y, Z, 1)``). Each takes the
 tricubic-upsampled LR volume (already the HR size) and returns the HR estimate; one
@@ -39,13 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arssr_jax.errors import ArSSRError
-from arssr_jax.interpolation import (  # noqa: F401 (re-exported: baselines of the comparison)
-    INTERPOLATORS,
-    TRICUBIC_BOUNDARY_MODE,
-    interpolation_matrix,
-    nearest,
-    tricubic,
-)
+from arssr_jax.interpolation import tricubic
 from arssr_jax.models.conv import Conv3d, resolve_conv_impl
 from arssr_jax.models.encoders import ResCNN
 from arssr_jax.tiling import tiled_apply

@@ -1,4 +1,4 @@
-"""The three ArSSR encoders (REFERENCE.md section 1), channels-last 3D convolutions.
+"""The three ArSSR encoders (docs/REFERENCE.md section 1), channels-last 3D convolutions.
 
 All convolutions: kernel 3 (or 1 where noted), stride 1, zero "same" padding, bias.
 Each encoder maps (N, X, Y, Z, 1) to (N, X, Y, Z, feature_dim): no upscaling.

@@ -279,7 +279,7 @@ def sample_volume_path() -> str:
 
 
 def paper(data_paths=(), val_paths=()) -> TrainConfig:
-    """The paper's setup (REFERENCE.md section 3): RDN, N=15, K=8000, LR 10^3, scales
+    """The paper's setup (docs/REFERENCE.md section 3): RDN, N=15, K=8000, LR 10^3, scales
     round(U(2, 4.04), 1), reference (corner-aligned) degradation, 6 patches per subject
     per epoch, Adam 1e-4 halved every 200 epochs, 2500 epochs, validation every epoch
     on 40^3 patches at scales 2..4, best checkpoint kept."""
