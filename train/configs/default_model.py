@@ -4,7 +4,8 @@ A compact RDN with the tricubic-residual decoder, trained on 2 CPU cores on one 
 (Colin 27 from Debian's mricron-data: the head with skull at 1 mm and 0.5 mm, and its
 skull-stripped brain) under heavy augmentation: random tissue contrasts, Rician noise,
 gamma, scale, bias field, bright spots, HR blur (smooth images such as templates), masks
-cut through the tissue (skull-stripped edges), LR clipped at 0 or not; mean squared error. Evaluated only on other sources (MNI152, nibabel's
+cut through the tissue (skull-stripped edges, some fading
+towards the cut as a template's partial-volume rim does), LR clipped at 0 or not; mean squared error. Evaluated only on other sources (MNI152, nibabel's
 anatomical.nii, the INIA19 macaque template): see eval/evaluate.py.
 
     python train/prepare_data.py data
@@ -36,15 +37,15 @@ def get_config():
             degrade="centred", samples_per_step=4000, batch_size=12, samples_per_volume=400,
             seed=0, worker_count=0, read_threads=1, prefetch=2, min_foreground=0.1,
             augment=AugmentConfig(flip=True, permute=True, contrast=0.4, gamma=0.2, intensity_scale=0.2,
-                                  bias_field=0.2, rician_noise=0.04, bright_spots=0.2, blur=0.4, mask_cut=0.3,
-                                  clip_lr=0.5),
+                                  bias_field=0.2, rician_noise=0.06, bright_spots=0.4, blur=0.5, mask_cut=0.5,
+                                  mask_ramp=0.6, clip_lr=0.5),
         ),
-        optim=OptimConfig(learning_rate=5e-4, decay_every_epochs=7, decay_factor=0.5),
+        optim=OptimConfig(learning_rate=5e-4, decay_every_epochs=9, decay_factor=0.5),
         # Validation patches come from the training volumes at other positions: the held-out
         # sources are kept for the final evaluation only, never for choosing checkpoints.
         val=ValidationConfig(paths=("data/train",), scales=(2.0, 3.0, 4.0), patches_per_volume=2,
                              every_epochs=5.0, chunk=16384, seed=7),
-        steps=3000,
+        steps=4000,
         log_every=25,
         keep_last=2,
         # A zero last layer: training starts from exactly the tricubic interpolant.
