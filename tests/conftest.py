@@ -36,3 +36,33 @@ def tiny_dir(tiny, tmp_path_factory):
     from tiny_model import TINY
 
     return str(save_model(tmp_path_factory.mktemp("m") / "tiny", TINY, tiny[1]))
+
+
+# The slow tier (each over ~8 s on 2 cores: multi-process and multi-device runs, training
+# and resume, the notebook, the reference comparisons at full size). `pytest -m "not slow"`
+# is the fast tier for the edit-test loop; CI and the README's command run everything.
+SLOW = {
+    "test_models.py::test_small_configurations_run_and_compose",
+    "test_models.py::test_each_encoder_knows_its_receptive_radius",
+    "test_notebook.py::test_notebook_executes_without_errors",
+    "test_reference_weights.py::test_outputs_match_the_reference",
+    "test_cluster.py::test_two_slurm_tasks_form_one_run",
+    "test_parallel.py::test_two_processes_match_one_process",
+    "test_parallel.py::test_four_devices_match_one_device",
+    "test_checkpoints.py::test_resume_equals_straight_run",
+    "test_checkpoints.py::test_interrupt_saves_the_steps_since_the_last_checkpoint",
+    "test_inference.py::test_bfloat16_compute_stays_within_one_percent_of_float32",
+    "test_inference.py::test_tiled_encoding_equals_untiled",
+    "test_inference.py::test_like_decodes_directly_on_an_oblique_grid",
+    "test_inference.py::test_upsample_equals_the_reference_mirror",
+    "test_batch.py::test_many_inputs_one_model_and_one_compile_per_shape",
+    "test_baselines.py::test_baseline_config_errors",
+    "test_training.py::test_loss_falls_on_real_data_and_workdir_is_a_model",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = f"{item.path.name}::{item.originalname}"
+        if name in SLOW:
+            item.add_marker(pytest.mark.slow)

@@ -96,6 +96,9 @@ def test_configs_round_trip_and_load(tmp_path):
     with pytest.raises(ArSSRError, match="not a preset"):
         load_config("no-such-config")
     assert config_differences(tiny(), tiny().replace(steps=9, seed=1)) == ["seed"]
+    other_conv = tiny().replace(model=tiny().model.replace(conv_impl="lax"))
+    assert config_differences(tiny(), other_conv) == []  # no parameter changes: resumable elsewhere
+    assert config_differences(tiny(), other_conv.replace(model=other_conv.model.replace(feature_dim=5))) == ["model.feature_dim"]
 
 
 def _small_baseline():

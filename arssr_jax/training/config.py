@@ -419,9 +419,10 @@ def save_config(config: TrainConfig, workdir) -> Path:
 
 
 def config_differences(a: TrainConfig, b: TrainConfig,
-                       ignore=("steps", "epochs", "log_every", "data.cache_dir")) -> list:
-    """Dotted names of the fields where two configs differ (run-length fields and the volume
-    cache's folder, which changes no batch, ignored)."""
+                       ignore=("steps", "epochs", "log_every", "data.cache_dir", "model.conv_impl")) -> list:
+    """Dotted names of the fields where two configs differ (ignored: run-length fields, the
+    volume cache's folder, which changes no batch, and the convolution's formulation, which
+    changes no parameter: a run started on one backend resumes on another)."""
 
     def flat(d, prefix=""):
         out = {}

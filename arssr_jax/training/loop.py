@@ -41,7 +41,7 @@ from arssr_jax.data.volumes import check_patch_fits
 from arssr_jax.errors import ArSSRError
 from arssr_jax.models import count_params
 from arssr_jax.training import parallel
-from arssr_jax.training.checkpoints import CheckpointStore
+from arssr_jax.training.checkpoints import CHECKPOINT_DIR, CheckpointStore
 from arssr_jax.training.config import CONFIG_FILE, TrainConfig, config_differences, load_config, save_config
 from arssr_jax.training.events import EventLog
 from arssr_jax.training.lock import WorkdirLock
@@ -169,7 +169,7 @@ def check_workdir(config: TrainConfig, workdir) -> Path:
 def _has_checkpoints(workdir: Path) -> bool:
     """Whether any checkpoint step was written (a config alone, from a run that stopped
     before its first checkpoint, holds nothing to resume: a new config may replace it)."""
-    folder = workdir / "checkpoints"
+    folder = workdir / CHECKPOINT_DIR
     if not folder.is_dir():
         return folder.exists()
     return any(p.name.isdigit() for p in folder.iterdir())

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from arssr_jax.coords import grid_for_shape
+from arssr_jax import metrics
+from arssr_jax.coords import grid_for_shape, normalised_to_index
 from arssr_jax.inference import decode_grid
 from arssr_jax.models import ArSSR, decode_in_blocks, default_decode_block, encode
 from arssr_jax.training.state import TrainState
@@ -123,7 +124,7 @@ class Validator:
             hr = np.asarray(sample["hr"], np.float32)
             lr = np.asarray(sample["lr"], np.float64)[..., 0]
             coords = np.asarray(sample["coords"], np.float64)
-            index = ((coords + 1.0) * np.asarray(lr.shape, np.float64) - 1.0) / 2.0
+            index = normalised_to_index(coords, np.asarray(lr.shape, np.float64))
             pred = ndimage.map_coordinates(lr, index.T, order=1, mode="nearest").reshape(hr.shape)
             l1s.append(float(np.mean(np.abs(pred - hr))))
             psnrs.append(psnr(pred, hr))
@@ -180,8 +181,10 @@ def _summary(l1s, psnrs, by_scale) -> dict:
             "val_psnr_by_scale": {k: float(np.mean(v)) for k, v in ordered}}
 
 
+PSNR_CAP = 100.0  # dB: an exact match stays a finite number in log.jsonl and the averages
+
+
 def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
-    """PSNR with data_range = max(gt) - min(gt), capped at 100 dB for exact matches."""
-    data_range = float(gt.max() - gt.min()) or 1.0
-    mse = float(np.mean((np.asarray(pred, np.float64) - np.asarray(gt, np.float64)) ** 2))
-    return 100.0 if mse <= 0 else float(min(100.0, 10.0 * np.log10(data_range ** 2 / mse)))
+    """:func:`arssr_jax.metrics.psnr` (data_range = max(gt) - min(gt); 1 for a constant patch),
+    capped at :data:`PSNR_CAP`."""
+    return min(PSNR_CAP, metrics.psnr(pred, gt, data_range=float(np.ptp(gt)) or 1.0))
