@@ -286,7 +286,7 @@ def paper(data_paths=(), val_paths=()) -> TrainConfig:
     return TrainConfig(
         name="paper",
         model=ModelConfig(encoder="RDN"),
-        data=DataConfig.reference(paths=data_paths, read_threads=4, prefetch=4),
+        data=DataConfig.reference(paths=data_paths, worker_count=8, read_threads=4, prefetch=4),
         optim=OptimConfig(learning_rate=1e-4, decay_every_epochs=200, decay_factor=0.5),
         val=ValidationConfig(paths=val_paths, scales=(2.0, 2.5, 3.0, 3.5, 4.0), every_epochs=1.0),
         epochs=2500,
@@ -419,10 +419,12 @@ def save_config(config: TrainConfig, workdir) -> Path:
 
 
 def config_differences(a: TrainConfig, b: TrainConfig,
-                       ignore=("steps", "epochs", "log_every", "data.cache_dir", "model.conv_impl")) -> list:
-    """Dotted names of the fields where two configs differ (ignored: run-length fields, the
-    volume cache's folder, which changes no batch, and the convolution's formulation, which
-    changes no parameter: a run started on one backend resumes on another)."""
+                       ignore=("steps", "epochs", "log_every", "data.cache_dir", "data.worker_count",
+                               "data.read_threads", "data.prefetch", "model.conv_impl")) -> list:
+    """Dotted names of the fields where two configs differ (ignored: run-length fields; how the
+    input pipeline runs (the cache's folder, workers, threads, prefetch), which changes no batch;
+    and the convolution's formulation, which changes no parameter: a run started on one machine
+    resumes on another)."""
 
     def flat(d, prefix=""):
         out = {}

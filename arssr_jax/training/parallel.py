@@ -158,9 +158,6 @@ def launch_plan(config: DistributedConfig, cluster=None, environ=None) -> Option
     return LaunchPlan(name, count, config.coordinator_address, config.process_id, local, name)
 
 
-_initialized = False
-
-
 def initialize(config: DistributedConfig, *, detect: bool = True, log=None) -> bool:
     """Join the multi-process run described by ``config`` (and, with ``detect``, by the
     cluster JAX recognises); False when single-process.
@@ -168,8 +165,7 @@ def initialize(config: DistributedConfig, *, detect: bool = True, log=None) -> b
     ``log``: a callable given one line saying how this process was launched (the cluster,
     this process's index and the count). Must run before any JAX computation in this process.
     """
-    global _initialized
-    if _initialized:
+    if jax.distributed.is_initialized():  # JAX's own record, not a module global
         return True
     cluster = detect_cluster() if detect else None
     plan = launch_plan(config, cluster)
@@ -187,7 +183,6 @@ def initialize(config: DistributedConfig, *, detect: bool = True, log=None) -> b
                          f"({str(error).splitlines()[0]}); check the address and that every process started"
                          + ("" if plan.source == "flags" else
                             "; under SLURM start one process per task with srun")) from None
-    _initialized = True
     if log is not None:
         state = _distributed_state()
         log(f"multi-process run ({where}): process {state.get('process_id', plan.process_id)} of "
