@@ -48,11 +48,14 @@ def read_log(path) -> dict:
     starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
     if starts:
         records = records[starts[-1]:]
-    train, validation, start, end = {}, {}, None, None
+    train, validation, start, end, total = {}, {}, None, None, None
     for record in records:
         event, step = record.get("event"), int(record["step"])
         if event == "start":
             start = record
+            total = record.get("total_steps")
+        elif event == "resume":  # a resumed run may aim further than the first
+            total = record.get("total_steps", total)
         elif event == "validation":
             validation[step] = record
         elif event == "end":
@@ -60,7 +63,7 @@ def read_log(path) -> dict:
         elif event is None and "loss" in record:
             train[step] = record
     return {"start": start, "train": [train[s] for s in sorted(train)],
-            "validation": [validation[s] for s in sorted(validation)], "end": end}
+            "validation": [validation[s] for s in sorted(validation)], "end": end, "total_steps": total}
 
 
 def _scale_key(scale: str):
@@ -102,7 +105,7 @@ def _title(workdir: Path, log: dict) -> str:
     parts = [workdir.absolute().name or str(workdir)]
     if start.get("config"):
         parts.append(str(start["config"]))
-    total = start.get("total_steps")
+    total = log.get("total_steps")
     parts.append(f"step {last}" + (f" of {total}" if total else ""))
     end = log["end"]
     if end and end.get("best_step") is not None:

@@ -28,6 +28,7 @@ def _run_records():
         records.append({"step": step, "loss": 0.1 / step, "lr": 1e-3 * 0.5 ** (step // 4), "samples_per_s": 10.0})
     records.append({"step": 4, "event": "validation", "val_l1": 0.04, "val_psnr": 24.0,
                     "val_psnr_by_scale": {"2": 26.0, "3": 23.5, "4": 22.0}})
+    records.append({"step": 4, "event": "resume", "total_steps": 9})  # resumed with --steps 9
     for step in range(5, 9):  # the resumed run, from the checkpoint at step 4
         records.append({"step": step, "loss": 0.05 / step, "lr": 5e-4, "samples_per_s": 11.0})
     records.append({"step": 8, "event": "validation", "val_l1": 0.035, "val_psnr": 24.5,
@@ -52,6 +53,10 @@ def test_read_log_keeps_the_current_run(tmp_path):
     assert log["train"][4]["loss"] == pytest.approx(0.05 / 5)  # the resumed run's record of step 5
     assert [r["step"] for r in log["validation"]] == [4, 8]
     assert log["end"]["best_step"] == 8
+    assert log["total_steps"] == 9  # the resumed run's target, not the first run's 8
+    from arssr_jax.curves import _title
+
+    assert "step 8 of 9 - best checkpoint step 8" in _title(tmp_path, log)
 
 
 def test_plot_writes_a_png(tmp_path):

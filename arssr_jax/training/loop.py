@@ -294,6 +294,7 @@ def _announce(log: RunLog, config: TrainConfig, task, state, validator, interpol
     if log.events is not None:
         log.say(log.events.message)
     if start:
+        log.record(step=start, event="resume", total_steps=total)
         return
     name = validator.interpolation_name
     log.record(step=0, event="start", config=config.name, parameters=parameters,
