@@ -9,13 +9,12 @@ the same global batch.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import nibabel
 import numpy as np
 import pytest
+from processes import free_port, run_together
 
 from arssr_jax.errors import ArSSRError
 from arssr_jax.training import parallel
@@ -93,12 +92,6 @@ def test_one_task_slurm_job_runs_single_process(clean_env):
         launch_plan(DistributedConfig(coordinator_address="127.0.0.1:1", num_processes=2), None)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _process_env(extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_PREFIXES)}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", ARSSR_JAX_CACHE="off",
@@ -113,23 +106,16 @@ def test_two_slurm_tasks_form_one_run(tmp_path):
     from arssr_jax.training.checkpoints import load_trained
 
     workdir = tmp_path / "slurm"
-    port = str(_free_port())
+    port = str(free_port())
     command = [sys.executable, "-m", "arssr_jax.cli", "train", "--config", "tiny", "--data", ANATOMICAL,
                "--workdir", str(workdir), "--steps", "3"]
-    procs = [subprocess.Popen(command, env=_process_env({**_slurm(ntasks=2, procid=i), "JAX_COORDINATOR_PORT": port}),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, err[-3000:]
+    envs = [_process_env({**_slurm(ntasks=2, procid=i), "JAX_COORDINATOR_PORT": port}) for i in range(2)]
+    results = run_together([command] * 2, envs, cwd=tmp_path)
+    for i, (code, out, err) in enumerate(results):
+        assert code == 0, err[-3000:]
         assert f"arssr-jax train: multi-process run (SLURM): process {i} of 2, coordinator 127.0.0.1:{port}" in out
-    assert "global batch 4 = 2 process(es) x 2 device(s) x 1" in outputs[0][0]
-    assert "done: step 3" not in outputs[1][0]  # only process 0 reports and writes
+    assert "global batch 4 = 2 process(es) x 2 device(s) x 1" in results[0][1]
+    assert "done: step 3" not in results[1][1]  # only process 0 reports and writes
 
     single = tmp_path / "one_process"
     train(tiny(data_paths=(ANATOMICAL,)), single, steps=3, quiet=True)

@@ -7,7 +7,6 @@ and each process of a multi-process run is its own interpreter.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import textwrap
 import nibabel
 import numpy as np
 import pytest
+from processes import free_port, run_together
 
 ANATOMICAL = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,12 +118,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path):
     """2 processes x 2 CPU devices (gloo), through the whole loop and its checkpoints."""
     from arssr_jax.training import tiny, train
@@ -132,18 +126,10 @@ def test_two_processes_match_one_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     workdir = tmp_path / "two_processes"
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), port, str(workdir), ANATOMICAL],
-                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    port = str(free_port())
+    commands = [[sys.executable, str(script), str(i), port, str(workdir), ANATOMICAL] for i in range(2)]
+    for code, out, err in run_together(commands, [_env(2)] * 2):
+        assert code == 0, err[-3000:]
         assert "done" in out
 
     single = tmp_path / "one_process"

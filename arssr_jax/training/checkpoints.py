@@ -18,19 +18,17 @@ checkpoint (leftover temporary directories are removed when the store is reopene
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
 import orbax.checkpoint as ocp
 
 from arssr_jax.errors import ArSSRError
-from arssr_jax.training.config import load_config
+from arssr_jax.training.config import TrainConfig
 from arssr_jax.training.state import TrainState, to_host
 from arssr_jax.weights.workdir import (
     BEST_METRIC,
     CHECKPOINT_DIR,
-    TRAIN_CONFIG_FILE,
     CheckpointReader,
     error_detail,
     read_run_document,
@@ -87,7 +85,6 @@ class CheckpointStore(CheckpointReader):
 def load_trained(workdir, step: Optional[int] = None):
     """(TrainConfig, params, step) of a training workdir: checkpoint ``step``, else the best
     by validation L1, else the latest. Parameters are numpy arrays, as saved."""
-    read_run_document(workdir)  # names a missing or unreadable config before orbax runs
-    config = load_config(Path(workdir) / TRAIN_CONFIG_FILE)
+    config = TrainConfig.from_dict(read_run_document(workdir))  # before orbax runs: a bad config is named first
     params, step = read_run_params(workdir, step)
     return config, params, step
