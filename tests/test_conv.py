@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from arssr_jax.models import conv as conv_module
-from arssr_jax.models.conv import CONV_IMPL_CHOICES, CONV_IMPLS, Conv3d, conv3d_same, resolve_conv_impl
+from arssr_jax.models.conv import (CONV_IMPL_CHOICES, CONV_IMPLS, WINOGRAD_MIN_VOXELS, Conv3d, conv3d_same,
+                                   resolve_conv_impl)
 
 CASES = [
     # (batch, spatial shape, k, cin, cout)
@@ -164,8 +165,15 @@ def test_choice_by_backend_and_explicit(monkeypatch):
     assert resolve_conv_impl(backend="cpu") == "winograd"
     assert resolve_conv_impl("auto", backend="gpu") == "lax"
     assert resolve_conv_impl("auto", backend="tpu") == "lax"
+    # On the CPU small inputs (cheaper to trace as one conv) go to lax; a training batch stays Winograd.
+    assert resolve_conv_impl(backend="cpu", voxels=8**3) == "lax"
+    assert resolve_conv_impl(backend="cpu", voxels=WINOGRAD_MIN_VOXELS - 1) == "lax"
+    assert resolve_conv_impl(backend="cpu", voxels=WINOGRAD_MIN_VOXELS) == "winograd"
+    assert resolve_conv_impl(backend="cpu", voxels=12 * 10**3) == "winograd"
+    assert resolve_conv_impl(backend="gpu", voxels=10**9) == "lax"
     for impl in CONV_IMPLS:
         assert resolve_conv_impl(impl, backend="cpu") == resolve_conv_impl(impl, backend="gpu") == impl
+        assert resolve_conv_impl(impl, backend="cpu", voxels=8) == impl
     # The choice is an argument, never read from the environment.
     monkeypatch.setenv("ARSSR_CONV_IMPL", "lax")
     assert resolve_conv_impl(backend="cpu") == "winograd"
@@ -175,6 +183,14 @@ def test_choice_by_backend_and_explicit(monkeypatch):
     x, kernel, bias, _ = _inputs(1, (3, 3, 3), 3, 1, 1)
     with pytest.raises(ValueError, match="'direct'"):
         conv3d_same(x, kernel, bias, impl="direct")
+
+
+def test_auto_runs_lax_below_the_winograd_size_and_winograd_from_it():
+    # Bit for bit: "auto" on the CPU is exactly one of the two formulations, chosen by input size.
+    for shape, expected in (((1, 5, 6, 7), "lax"), ((1, 16, 16, 16), "winograd"), ((2, 16, 16, 8), "winograd")):
+        x, kernel, bias, _ = _inputs(shape[0], shape[1:], 3, 2, 3)
+        assert jax.default_backend() == "cpu"
+        np.testing.assert_array_equal(conv3d_same(x, kernel, bias), conv3d_same(x, kernel, bias, impl=expected))
 
 
 def test_module_implementations_share_parameters():

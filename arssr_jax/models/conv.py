@@ -30,7 +30,7 @@ Off ``"lax"``, a 1x1x1 kernel is a plain matrix product, and ``"winograd"`` runs
 kernel sizes as ``"fold2d"``: ``_FORMULATIONS`` is the one table of what runs. The
 choice is explicit (``ModelConfig.conv_impl`` -> the encoders -> ``Conv3d(impl=...)``);
 ``"auto"`` is resolved by :func:`resolve_conv_impl` alone: ``"winograd"`` on the CPU
-backend, ``"lax"`` elsewhere. Measured speeds: README, "Performance" (printed by
+backend for inputs of at least ``WINOGRAD_MIN_VOXELS`` voxels, ``"lax"`` elsewhere. Measured speeds: README, "Performance" (printed by
 eval/benchmark_conv.py).
 """
 
@@ -54,15 +54,23 @@ _DIMENSIONS_2D = ("NHWC", "HWIO", "NHWC")
 _KERNEL_GRAD_CHUNK_VOXELS = 4096
 _MAX_UNROLLED_CHUNKS = 64  # XLA's CPU conv inside lax.scan runs ~10-40x slower: unroll
 _WINOGRAD_SLAB_BYTES = 32 << 20
+# Below this many input voxels Winograd's traced program (~160 operations a conv against
+# one) costs more to trace than it saves in running: an 8^3 upsample traces the encoder
+# in 0.26 s with lax against 0.82 s (whole process 1.7 against 2.2 s); the two break
+# even between 24^3 and 32^3 whole volumes. Training batches (12 x 10^3) stay Winograd.
+WINOGRAD_MIN_VOXELS = 16**3
 
 
-def resolve_conv_impl(impl: str = "auto", backend: str | None = None) -> str:
+def resolve_conv_impl(impl: str = "auto", backend: str | None = None, voxels: int | None = None) -> str:
     """The formulation ``impl`` names; ``"auto"``: ``"winograd"`` on the CPU backend
-    (``backend``, default JAX's default backend), ``"lax"`` on any other."""
+    (``backend``, default JAX's default backend) for inputs of at least
+    ``WINOGRAD_MIN_VOXELS`` voxels (``voxels``: N x X x Y x Z; None counts as large),
+    ``"lax"`` on any other backend and for smaller inputs."""
     if not isinstance(impl, str) or impl not in CONV_IMPL_CHOICES:
         raise ValueError(f"conv implementation must be one of {', '.join(CONV_IMPL_CHOICES)}; got {impl!r}")
     if impl == "auto":
-        return "winograd" if (backend or jax.default_backend()) == "cpu" else "lax"
+        large = voxels is None or voxels >= WINOGRAD_MIN_VOXELS
+        return "winograd" if (backend or jax.default_backend()) == "cpu" and large else "lax"
     return impl
 
 
@@ -444,7 +452,7 @@ def conv3d_same(x, kernel, bias, dtype=jnp.float32, impl: str = "auto"):
     gives the same result within float32 rounding.
     """
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    by_shape = _FORMULATIONS[resolve_conv_impl(impl)]
+    by_shape = _FORMULATIONS[resolve_conv_impl(impl, voxels=math.prod(x.shape[:-1]))]
     y = by_shape.get(tuple(kernel.shape[:3]), by_shape[None])(x, kernel)
     return y + bias.astype(jnp.float32)
 
