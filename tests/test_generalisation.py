@@ -186,6 +186,24 @@ def test_new_augmentations_are_deterministic_finite_and_change_the_patch():
     spots = DataConfig(**base, augment=AugmentConfig(bright_spots=1.0))
     hr3, _, _ = make_patch(volume, spots, np.random.default_rng(1))
     assert np.all(hr3 >= hr0 - 1e-6) and (hr3 - hr0).max() > 0.2  # blobs only add intensity
+    holes = DataConfig(**base, augment=AugmentConfig(dark_spots=1.0))
+    hr4, _, _ = make_patch(volume, holes, np.random.default_rng(1))
+    # holes scale towards 0 (the percentile normalisation leaves a few voxels slightly below 0)
+    assert np.all(np.abs(hr4) <= np.abs(hr0) + 1e-6) and (hr0 - hr4).max() > 0.2
+
+
+def test_dark_spots_are_gaussian_holes_reaching_at_most_zero():
+    from arssr_jax.data.samples import dark_spots
+
+    hr = np.full((24, 24, 24), 0.8)
+    out = dark_spots(hr, np.random.default_rng(3))
+    factor = out / hr
+    assert factor.min() >= 0.0 and factor.max() <= 1.0
+    assert factor.min() < 0.5  # a hole of depth >= 0.5 has its centre inside the patch or near it
+    assert np.mean(factor > 0.999) > 0.5  # small holes: most of the patch is untouched
+    # Deterministic in the generator; none at all on a zero patch (holes scale, they do not subtract).
+    np.testing.assert_array_equal(out, dark_spots(hr, np.random.default_rng(3)))
+    assert np.all(dark_spots(np.zeros((8, 8, 8)), np.random.default_rng(3)) == 0.0)
 
 
 def test_random_contrast_and_rician_noise():
@@ -197,7 +215,8 @@ def test_random_contrast_and_rician_noise():
     np.testing.assert_allclose(noisy.mean(), 0.1 * np.sqrt(np.pi / 2), rtol=0.02)  # Rayleigh mean
 
 
-@pytest.mark.parametrize("field, value", [("contrast", 1.5), ("bright_spots", -0.1), ("rician_noise", -1.0)])
+@pytest.mark.parametrize("field, value", [("contrast", 1.5), ("bright_spots", -0.1), ("dark_spots", 1.2),
+                                          ("rician_noise", -1.0)])
 def test_bad_augmentation_values_are_refused(field, value):
     with pytest.raises(ArSSRError, match=field):
         DataConfig(patch_size=24, lr_size=6, samples_per_step=64,

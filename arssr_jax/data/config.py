@@ -41,6 +41,9 @@ class AugmentConfig:
     bright_spots:    probability of adding 1-6 small bright blobs to the HR patch (Gaussian,
                      sigma U(0.7, 2.5) HR voxels, peak U(0.3, 2)): vessels, fat, lesions,
                      intensities above the training volumes' range.
+    dark_spots:      probability of darkening the HR patch with 1-6 small Gaussian holes (sigma
+                     U(0.7, 2.5) HR voxels, x (1 - d g) with depth d ~ U(0.5, 1)): CSF pockets, sulci,
+                     vessels and lesions darker than the tissue around them.
     blur:            probability of blurring the HR patch (Gaussian, sigma U(0.3, 1.5) voxels)
                      before the noise: intrinsically smooth images (templates averaged over
                      many brains, wide point-spread functions), so a gentle ramp in the LR is
@@ -64,6 +67,7 @@ class AugmentConfig:
     contrast: float = 0.0
     rician_noise: float = 0.0
     bright_spots: float = 0.0
+    dark_spots: float = 0.0
     blur: float = 0.0
     mask_cut: float = 0.0
     mask_ramp: float = 0.0
@@ -72,7 +76,8 @@ class AugmentConfig:
     @property
     def any_hr(self) -> bool:
         return bool(self.flip or self.permute or self.gamma or self.intensity_scale
-                    or self.bias_field or self.contrast or self.rician_noise or self.bright_spots or self.blur or self.mask_cut)
+                    or self.bias_field or self.contrast or self.rician_noise or self.bright_spots
+                    or self.dark_spots or self.blur or self.mask_cut)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +227,7 @@ class DataConfig:
         for field in ("gamma", "intensity_scale", "bias_field", "noise_std", "rician_noise"):
             if getattr(a, field) < 0:
                 raise ArSSRError(f"AugmentConfig.{field}={getattr(a, field)!r}: must be >= 0")
-        for field in ("contrast", "bright_spots", "blur", "mask_cut", "mask_ramp", "clip_lr"):
+        for field in ("contrast", "bright_spots", "dark_spots", "blur", "mask_cut", "mask_ramp", "clip_lr"):
             if not 0.0 <= getattr(a, field) <= 1.0:
                 raise ArSSRError(f"AugmentConfig.{field}={getattr(a, field)!r}: a probability, "
                                  "must lie in [0, 1]")

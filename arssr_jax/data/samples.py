@@ -123,21 +123,36 @@ def rician(hr: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray
     return np.sqrt(real * real + imaginary * imaginary)
 
 
+def _random_blobs(shape, rng: np.random.Generator, low: float, high: float):
+    """1-6 Gaussian blobs at random places (sigma U(0.7, 2.5) voxels), each with an amplitude U(low, high)."""
+    axes = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij", sparse=True)
+    for _ in range(int(rng.integers(1, 7))):
+        centre = rng.uniform(0, np.asarray(shape) - 1)
+        sigma, amplitude = rng.uniform(0.7, 2.5), rng.uniform(low, high)
+        squared = sum((a - c) ** 2 for a, c in zip(axes, centre))
+        yield amplitude * np.exp(-squared / (2 * sigma * sigma))
+
+
 def bright_spots(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``hr`` plus 1-6 Gaussian blobs (sigma U(0.7, 2.5) voxels, peak U(0.3, 2)) at random places."""
-    axes = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in hr.shape], indexing="ij", sparse=True)
     out = hr.copy()
-    for _ in range(int(rng.integers(1, 7))):
-        centre = rng.uniform(0, np.asarray(hr.shape) - 1)
-        sigma, peak = rng.uniform(0.7, 2.5), rng.uniform(0.3, 2.0)
-        squared = sum((a - c) ** 2 for a, c in zip(axes, centre))
-        out = out + peak * np.exp(-squared / (2 * sigma * sigma))
+    for blob in _random_blobs(hr.shape, rng, 0.3, 2.0):
+        out = out + blob
+    return out
+
+
+def dark_spots(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``hr`` darkened by 1-6 Gaussian holes (sigma U(0.7, 2.5) voxels, depth U(0.5, 1)):
+    x (1 - depth g) per hole, so it stays >= 0 and a full-depth hole reaches 0 at its centre."""
+    out = hr.copy()
+    for hole in _random_blobs(hr.shape, rng, 0.5, 1.0):
+        out = out * (1.0 - hole)
     return out
 
 
 def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
     """Apply the enabled HR augmentations in this order: flip, permute, contrast, gamma,
-    scale, bias field, bright spots, blur, Rician noise, mask cut."""
+    scale, bias field, bright spots, dark spots, blur, Rician noise, mask cut."""
     if aug.flip:
         flips = rng.random(3) < 0.5
         hr = hr[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
@@ -154,6 +169,8 @@ def augment_hr(hr: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> 
         hr = hr * _bias_field(hr.shape, aug.bias_field, rng)
     if aug.bright_spots and rng.random() < aug.bright_spots:
         hr = bright_spots(hr, rng)
+    if aug.dark_spots and rng.random() < aug.dark_spots:
+        hr = dark_spots(hr, rng)
     if aug.blur and rng.random() < aug.blur:
         hr = ndimage.gaussian_filter(hr, rng.uniform(0.3, 1.5), mode="reflect")
     if aug.rician_noise:
