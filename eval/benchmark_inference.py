@@ -20,7 +20,8 @@ decode, writing the NIfTI), for one scan and for N scans (ours: one command over
 them with --out-dir; the reference: one process per scan, as its CLI takes one scan):
 
     python eval/benchmark_inference.py --whole-process                 # 1 and 20 scans of 48^3, x2
-    python eval/benchmark_inference.py --whole-process --scans 1 --shape 8 8 8   # the fixed cost
+    python eval/benchmark_inference.py --whole-process --scans 1 --shape 8 8 8 --shipped --repeats 3
+        # the fixed cost: the shipped model on 8^3 (no reference run: it cannot load that model)
 """
 
 from __future__ import annotations
@@ -208,8 +209,12 @@ def whole_process(args):
 
     scale = args.scales[0]
     work = tempfile.mkdtemp(prefix="arssr-bench-")
-    config = ModelConfig(encoder=args.encoder)
-    model_dir = save_model(os.path.join(work, "model"), config, init_params(build_model(config), jax.random.key(0)))
+    if args.shipped:
+        model_args, described = [], "the shipped default model"
+    else:
+        config = ModelConfig(encoder=args.encoder)
+        model_dir = save_model(os.path.join(work, "model"), config, init_params(build_model(config), jax.random.key(0)))
+        model_args, described = ["--model", str(model_dir)], f"{args.encoder}, random weights"
     base = realistic_volume(tuple(args.shape))
     most = max(args.scans)
     scans = []
@@ -218,7 +223,7 @@ def whole_process(args):
         scans.append(os.path.join(work, f"scan{i:02d}.nii.gz"))
         nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), scans[-1])
     ours = [sys.executable, "-m", "arssr_jax.cli", "upsample"]
-    options = ["--scale", f"{scale:g}", "--model", str(model_dir), "--quiet"]
+    options = ["--scale", f"{scale:g}", *model_args, "--quiet"]
 
     def timed(command):
         t0 = time.perf_counter()
@@ -228,11 +233,11 @@ def whole_process(args):
         return time.perf_counter() - t0
 
     warm = timed(ours + [scans[0], os.path.join(work, "warm.nii.gz")] + options)  # fills the compile cache
-    print(f"LR {'x'.join(map(str, args.shape))} -> x{scale:g}, {args.encoder}, random weights, "
+    print(f"LR {'x'.join(map(str, args.shape))} -> x{scale:g}, {described}, "
           f"{os.cpu_count()} CPU cores; whole processes, wall time")
     print(f"arssr-jax first run (compile cache filled if it was empty): {warm:.2f} s")
     with_torch = False
-    if not args.no_torch:
+    if not (args.no_torch or args.shipped):
         try:
             import torch
 
@@ -251,19 +256,22 @@ def whole_process(args):
     results = []
     for n in args.scans:
         out_dir = os.path.join(work, f"out{n}")
-        if n == 1:
-            ours_s = timed(ours + [scans[0], os.path.join(work, "one.nii.gz")] + options)
-        else:
-            ours_s = timed(ours + scans[:n] + ["--out-dir", out_dir] + options)
+        command = (ours + [scans[0], os.path.join(work, "one.nii.gz")] + options if n == 1
+                   else ours + scans[:n] + ["--out-dir", out_dir] + options)
+        times = [timed(command) for _ in range(max(1, args.repeats))]
+        ours_s = float(np.median(times))
         row = {"mode": "whole-process", "scans": n, "shape": list(args.shape), "scale": scale,
-               "arssr_jax_s": ours_s}
+               "model": "shipped" if args.shipped else f"{args.encoder} random", "arssr_jax_s": ours_s,
+               "arssr_jax_runs_s": times}
         if with_torch:
-            row["reference_s"] = sum(
-                timed([sys.executable, script, args.encoder, weights, str(scale), path,
-                       os.path.join(work, f"ref{i:02d}.nii.gz")])
-                for i, path in enumerate(scans[:n]))
+            reference = [sum(timed([sys.executable, script, args.encoder, weights, str(scale), path,
+                                    os.path.join(work, f"ref{i:02d}.nii.gz")])
+                             for i, path in enumerate(scans[:n]))
+                         for _ in range(max(1, args.repeats))]
+            row["reference_s"], row["reference_runs_s"] = float(np.median(reference)), reference
             row["ratio"] = row["reference_s"] / ours_s
-        ours_text = (f"arssr-jax upsample {'IN OUT' if n == 1 else f'{n} inputs --out-dir'}: {ours_s:7.2f} s")
+        runs = f" (median of {', '.join(f'{t:.2f}' for t in times)})" if len(times) > 1 else ""
+        ours_text = f"arssr-jax upsample {'IN OUT' if n == 1 else f'{n} inputs --out-dir'}: {ours_s:7.2f} s{runs}"
         ref_text = (f"; reference, {n} process{'es' if n > 1 else ''}: {row['reference_s']:7.2f} s; "
                     f"speed-up {row['ratio']:.2f}x" if with_torch else "")
         print(f"{n:3d} scan{'s' if n > 1 else ' '}  {ours_text}{ref_text}")
@@ -282,7 +290,10 @@ def main():
     parser.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.2])
     parser.add_argument("--chunk", type=int, default=None)
     parser.add_argument("--tile", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the first (compiling) one")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the first (compiling) one; "
+                        "with --whole-process: timed runs of our command (the median is reported)")
+    parser.add_argument("--shipped", action="store_true",
+                        help="with --whole-process: time the shipped default model (no reference run)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--shipped-slabs", type=int, default=2, help="slabs timed for the as-shipped reference")
