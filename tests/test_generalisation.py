@@ -292,10 +292,62 @@ def test_new_data_options_round_trip_through_the_saved_training_config():
     from arssr_jax.training.config import TrainConfig
 
     config = TrainConfig(model=TINY_RESIDUAL, data=DataConfig(
-        augment=AugmentConfig(contrast=0.4, rician_noise=0.04, bright_spots=0.2, clip_lr=0.5)), init_output=0.0)
+        augment=AugmentConfig(contrast=0.4, rician_noise=0.04, bright_spots=0.2, dark_spots=0.3, clip_lr=0.5)),
+        init_output=0.0, loss="l2", loss_balance=0.5)
     again = TrainConfig.from_dict(json.loads(config.to_json()))
     assert again == config
     assert again.model.residual == "tricubic" and again.data.augment.bright_spots == 0.2
+    assert again.data.augment.dark_spots == 0.3 and again.loss_balance == 0.5
+    # a saved config from before the option trains exactly as before
+    old = json.loads(config.to_json())
+    del old["loss_balance"], old["data"]["augment"]["dark_spots"]
+    assert TrainConfig.from_dict(old).loss_balance == 0.0 and TrainConfig.from_dict(old).data.augment.dark_spots == 0.0
+    for bad in (-0.1, 5.0, "0.5"):
+        with pytest.raises(ArSSRError, match="loss_balance"):
+            config.replace(loss_balance=bad).validate()
+
+
+def test_intensity_balance_weights_give_every_occupied_tenth_the_same_share_at_exponent_one():
+    from arssr_jax.training.step import intensity_balance_weights
+
+    rng = np.random.default_rng(21)
+    # patch 0: 90 targets at 0.1, 10 at 0.9; patch 1: constant; patch 2: random
+    values = np.stack([np.r_[np.full(90, 0.1), np.full(10, 0.9)], np.full(100, 0.4), rng.random(100)])[..., None]
+    w = np.asarray(intensity_balance_weights(jnp.asarray(values, jnp.float32), 1.0))
+    np.testing.assert_allclose(w.mean(axis=1), 1.0, rtol=1e-6)  # mean 1 per patch
+    np.testing.assert_allclose([w[0, :90].sum(), w[0, 90:].sum()], [50.0, 50.0], rtol=1e-5)
+    np.testing.assert_allclose(w[1], 1.0, rtol=1e-6)  # one bin: nothing to balance
+    counts = np.bincount(np.clip((values[2, :, 0] - values[2].min()) / np.ptp(values[2]) * 10, 0, 9).astype(int),
+                         minlength=10)
+    bins = np.clip(((values[2, :, 0] - values[2].min()) / np.ptp(values[2]) * 10).astype(int), 0, 9)
+    expected = 1.0 / counts[bins]
+    np.testing.assert_allclose(w[2, :, 0], expected / expected.mean(), rtol=1e-5)
+    half = np.asarray(intensity_balance_weights(jnp.asarray(values, jnp.float32), 0.5))
+    np.testing.assert_allclose(half[0, 0, 0] / half[0, -1, 0], np.sqrt(10 / 90), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(intensity_balance_weights(jnp.asarray(values, jnp.float32), 0.0)), 1.0,
+                               rtol=1e-6)
+
+
+def test_balanced_l2_loss_is_the_weighted_mean_squared_error():
+    from arssr_jax.models import predict
+    from arssr_jax.training.step import arssr_loss
+
+    model, params = _zero_output_model()
+    rng = np.random.default_rng(22)
+    values = np.where(rng.random((2, 40, 1)) < 0.8, 0.05, 0.7) + 0.01 * rng.random((2, 40, 1))
+    batch = {"lr": jnp.asarray(rng.random((2, 6, 6, 6, 1)), jnp.float32),
+             "coords": jnp.asarray(rng.uniform(-1, 1, (2, 40, 3)), jnp.float32),
+             "values": jnp.asarray(values, jnp.float32)}
+    error = (np.asarray(predict(model, params, batch["lr"], batch["coords"])) - values) ** 2
+    weights = np.empty_like(values)
+    for n in range(2):  # tenths of each patch's range, weight count ** -0.5, mean 1
+        v = values[n, :, 0]
+        bins = np.clip(((v - v.min()) / np.ptp(v) * 10).astype(int), 0, 9)
+        w = np.bincount(bins, minlength=10)[bins] ** -0.5
+        weights[n, :, 0] = w / w.mean()
+    want = np.mean(error * weights)
+    assert float(arssr_loss(model, "l2", 0.5)(params, batch)) == pytest.approx(want, rel=1e-5)
+    assert float(arssr_loss(model, "l2", 0.5)(params, batch)) != pytest.approx(np.mean(error), rel=1e-3)
 
 
 def test_blur_smooths_the_hr_patch():

@@ -116,6 +116,10 @@ class TrainConfig:
     loss:           ArSSR's training loss over the K predictions: "l1" (mean absolute
                     error, the reference) or "l2" (mean squared error: the conditional mean,
                     more cautious where the input is ambiguous).
+    loss_balance:   0 (the plain mean) or an exponent a > 0: each patch's K targets are binned
+                    into tenths of the patch's intensity range and weighted by (bin count)^-a,
+                    mean 1 per patch, so rare intensities (bright vessels, dark CSF pockets,
+                    partial-volume rims) are not traded for the common ones (ArSSR only).
     init_output:    None keeps the model's initialisation; a value v zeroes the decoder's
                     last layer's weights and sets its bias to v, so training starts from
                     the prediction v everywhere with the final ReLU active. (With random
@@ -137,6 +141,7 @@ class TrainConfig:
     init_output: Optional[float] = None
     baseline: Optional[BaselineConfig] = None
     loss: str = "l1"
+    loss_balance: float = 0.0
 
     # -- derived quantities ----------------------------------------------------
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -168,6 +173,8 @@ class TrainConfig:
             self._validate_baseline()
         if self.loss not in LOSSES:
             raise ArSSRError(f"loss={self.loss!r}: use one of {LOSSES}")
+        if not (isinstance(self.loss_balance, (int, float)) and 0.0 <= self.loss_balance <= 4.0):
+            raise ArSSRError(f"loss_balance={self.loss_balance!r}: use an exponent from 0 (off) to 4, e.g. 0.5")
         # the data as the task's examples need it (ArSSR: K points per patch; a baseline: one scale)
         (make_sample if self.baseline is None else make_tricubic_pair).validate(self.data)
         o = self.optim

@@ -27,19 +27,38 @@ from arssr_jax.models import ArSSR, decode_in_blocks, default_decode_block, enco
 from arssr_jax.training.state import TrainState
 
 
-def l1_loss(pred, values):
-    return jnp.mean(jnp.abs(pred.astype(jnp.float32) - values.astype(jnp.float32)))
+def l1_loss(pred, values, reduce=True):
+    error = jnp.abs(pred.astype(jnp.float32) - values.astype(jnp.float32))
+    return jnp.mean(error) if reduce else error
 
 
-def l2_loss(pred, values):
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - values.astype(jnp.float32)))
+def l2_loss(pred, values, reduce=True):
+    error = jnp.square(pred.astype(jnp.float32) - values.astype(jnp.float32))
+    return jnp.mean(error) if reduce else error
 
 
 LOSS_FUNCTIONS = {"l1": l1_loss, "l2": l2_loss}
 
 
-def arssr_loss(model: ArSSR, loss: str = "l1") -> Callable:
-    """Mean L1 (or L2) of the model's predictions at the batch's coordinates."""
+BALANCE_BINS = 10
+
+
+def intensity_balance_weights(values, exponent: float):
+    """Per-sample weights (N, K, 1) for targets ``values`` (N, K, 1): each patch's K targets
+    binned into tenths of that patch's own range, a target weighted by (its bin's count) **
+    -exponent, scaled to mean 1 per patch. 0: all 1; 1: every occupied bin counts equally."""
+    v = values[..., 0].astype(jnp.float32)
+    low, high = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
+    relative = (v - low) / jnp.maximum(high - low, 1e-12)
+    bins = jnp.clip((relative * BALANCE_BINS).astype(jnp.int32), 0, BALANCE_BINS - 1)
+    counts = jax.vmap(lambda b: jnp.bincount(b, length=BALANCE_BINS))(bins)
+    weights = jnp.take_along_axis(counts, bins, axis=1).astype(jnp.float32) ** -exponent
+    return jax.lax.stop_gradient(weights / weights.mean(axis=1, keepdims=True))[..., None]
+
+
+def arssr_loss(model: ArSSR, loss: str = "l1", balance: float = 0.0) -> Callable:
+    """Mean L1 (or L2) of the model's predictions at the batch's coordinates; with
+    ``balance`` > 0, weighted by :func:`intensity_balance_weights` (rare intensities count more)."""
 
     block = default_decode_block()
     error = LOSS_FUNCTIONS[loss]
@@ -47,7 +66,10 @@ def arssr_loss(model: ArSSR, loss: str = "l1") -> Callable:
     def loss_fn(params, batch):
         features = encode(model, params, batch["lr"])
         pred = decode_in_blocks(model, params, features, batch["coords"], block)
-        return error(pred, batch["values"])
+        if not balance:
+            return error(pred, batch["values"])
+        per_sample = LOSS_FUNCTIONS[loss](pred, batch["values"], reduce=False)
+        return jnp.mean(per_sample * intensity_balance_weights(batch["values"], balance))
 
     return loss_fn
 

@@ -58,6 +58,7 @@ class ArSSRTask:
     init_output: Optional[float] = None
     description: str = ""
     loss_name: str = "l1"
+    loss_balance: float = 0.0
     make_example: ClassVar[ExampleMaker] = make_sample
     checks_dead_output: ClassVar[bool] = True  # a closed final ReLU gives a zero first gradient
 
@@ -67,7 +68,7 @@ class ArSSRTask:
 
     @property
     def loss(self) -> Callable:
-        return arssr_loss(self.model, self.loss_name)
+        return arssr_loss(self.model, self.loss_name, self.loss_balance)
 
     def validator(self, samples, chunk: int) -> Validator:
         return Validator(self.model, samples, chunk=chunk)
@@ -102,7 +103,8 @@ def make_task(config: TrainConfig) -> Task:
     """The task of a (validated) config."""
     if config.baseline is None:
         return ArSSRTask(build_model(config.model), (config.data.lr_size,) * 3, config.init_output,
-                         description=config.model.encoder, loss_name=config.loss)
+                         description=config.model.encoder, loss_name=config.loss,
+                         loss_balance=config.loss_balance)
     from arssr_jax.models.baselines import build_baseline
 
     module = build_baseline(config.baseline.name, config.baseline.options)
