@@ -68,7 +68,7 @@ def arssr_loss(model: ArSSR, loss: str = "l1", balance: float = 0.0) -> Callable
         pred = decode_in_blocks(model, params, features, batch["coords"], block)
         if not balance:
             return error(pred, batch["values"])
-        per_sample = LOSS_FUNCTIONS[loss](pred, batch["values"], reduce=False)
+        per_sample = error(pred, batch["values"], reduce=False)
         return jnp.mean(per_sample * intensity_balance_weights(batch["values"], balance))
 
     return loss_fn
