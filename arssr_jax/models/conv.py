@@ -30,8 +30,8 @@ Off ``"lax"``, a 1x1x1 kernel is a plain matrix product, and ``"winograd"`` runs
 kernel sizes as ``"fold2d"``: ``_FORMULATIONS`` is the one table of what runs. The
 choice is explicit (``ModelConfig.conv_impl`` -> the encoders -> ``Conv3d(impl=...)``);
 ``"auto"`` is resolved by :func:`resolve_conv_impl` alone: ``"winograd"`` on the CPU
-backend for inputs of at least ``WINOGRAD_MIN_VOXELS`` voxels, ``"lax"`` elsewhere. Measured speeds: README, "Performance" (printed by
-eval/benchmark_conv.py).
+backend for inputs of at least ``WINOGRAD_MIN_VOXELS`` voxels, ``"lax"`` elsewhere.
+Measured speeds: README, "Performance" (printed by eval/benchmark_conv.py).
 """
 
 from __future__ import annotations
@@ -462,8 +462,8 @@ class Conv3d(nn.Module):
 
     Parameters ``kernel`` (k, k, k, in, out) and ``bias`` (out,) are float32; the
     products run in ``dtype`` (float32 by default, bfloat16 as an option) and
-    accumulate in float32. ``impl`` chooses the formulation ("auto": by backend); it
-    changes no parameter.
+    accumulate in float32. ``impl`` chooses the formulation ("auto": by backend and
+    input size); it changes no parameter.
     """
 
     features: int

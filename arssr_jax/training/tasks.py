@@ -6,7 +6,7 @@ how to initialise the parameters, the loss of a batch and how to validate:
 
 * :class:`ArSSRTask`: examples are the LR patch and K points of the HR patch
   (``arssr_jax.data.make_sample``); the LR patch is encoded, the K coordinates decoded;
-  L1 (or L2) on them.
+  L1 (or L2, optionally weighted towards rare intensities) on them.
 * :class:`BaselineTask`: examples are the tricubic-upsampled LR patch and the HR patch
   (``examples.make_tricubic_pair``); the CNN maps one to the other; L1 on every HR voxel
   (the paper trains its baselines this way, one model per scale).
