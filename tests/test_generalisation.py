@@ -398,3 +398,32 @@ def test_l2_training_loss_is_the_mean_squared_error():
     error = pred - np.asarray(batch["values"])
     assert float(arssr_loss(model, "l2")(params, batch)) == pytest.approx(np.mean(error ** 2), rel=1e-5)
     assert float(arssr_loss(model, "l1")(params, batch)) == pytest.approx(np.mean(np.abs(error)), rel=1e-5)
+
+
+def _prepare_data_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "train" / "prepare_data.py"
+    spec = importlib.util.spec_from_file_location("prepare_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_block_average_is_a_coarser_acquisition_of_the_same_world():
+    """A linear field in world coordinates, block-averaged, equals that field at the new
+    voxels' world centres (closed form: the mean of a linear function over a block is its
+    value at the block's centre); an incomplete last block is dropped."""
+    import nibabel as nib
+    prepare = _prepare_data_module()
+    affine = np.array([[0.0, -1.2, 0, 30], [0.9, 0, 0, -20], [0, 0, 1.1, 5], [0, 0, 0, 1]])
+    index = np.indices((9, 8, 7)).reshape(3, -1)
+    world = affine[:3, :3] @ index + affine[:3, 3:]
+    field = (np.array([0.5, -2.0, 3.0]) @ world + 7.0).reshape(9, 8, 7)
+    coarse = prepare.block_average(nib.Nifti1Image(field.astype(np.float32), affine), 2)
+    assert coarse.shape == (4, 4, 3)
+    index = np.indices(coarse.shape).reshape(3, -1)
+    world = coarse.affine[:3, :3] @ index + coarse.affine[:3, 3:]
+    expected = (np.array([0.5, -2.0, 3.0]) @ world + 7.0).reshape(coarse.shape)
+    np.testing.assert_allclose(np.asarray(coarse.dataobj), expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.abs(coarse.affine[:3, :3]).sum(0), [1.8, 2.4, 2.2])

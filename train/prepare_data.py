@@ -3,7 +3,9 @@
 Training source (one subject):
   Colin 27 from Debian's ``mricron-data`` (``/usr/share/mricron/templates``): the head with
   skull and scalp, ``ch2.nii.gz`` (1 mm) and ``ch2better.nii.gz`` (0.5 mm), and its
-  skull-stripped brain ``ch2bet.nii.gz`` (1 mm)  ->  OUT/train/
+  skull-stripped brain ``ch2bet.nii.gz`` (1 mm); and the 1 mm head averaged over 2x2x2 blocks
+  (a 2 mm acquisition of the same head, so that x3-x4 training pairs also show a brain at
+  6-8 mm, as users' 2 mm scans give)  ->  OUT/train/
 
 Held-out sources (never used for training or for choosing a checkpoint):
   mni152   nilearn's MNI152 2009 T1 template, 1 mm, brain only (an average of 152 brains)
@@ -29,6 +31,7 @@ import numpy as np
 
 MRICRON = Path(os.environ.get("MRICRON_TEMPLATES", "/usr/share/mricron/templates"))
 TRAIN = {"colin27_1mm": "ch2.nii.gz", "colin27_05mm": "ch2better.nii.gz", "colin27_brain_1mm": "ch2bet.nii.gz"}
+BLOCK_AVERAGED = {"colin27_2mm": ("ch2.nii.gz", 2)}
 MARGIN = 8
 
 
@@ -41,6 +44,19 @@ def need(path: Path, how: str) -> Path:
 def mricron(name: str) -> nib.Nifti1Image:
     how = "install Debian's mricron-data (apt-get install mricron-data) or set MRICRON_TEMPLATES"
     return nib.load(need(MRICRON / name, how))
+
+
+def block_average(image: nib.Nifti1Image, factor: int) -> nib.Nifti1Image:
+    """The volume a voxel ``factor`` times larger would measure: the mean of each
+    factor^3 block (an incomplete last block is dropped), with the affine of the block centres."""
+    data = np.asarray(image.get_fdata(), np.float32)
+    n = [s // factor for s in data.shape[:3]]
+    blocks = data[: n[0] * factor, : n[1] * factor, : n[2] * factor]
+    blocks = blocks.reshape(n[0], factor, n[1], factor, n[2], factor).mean(axis=(1, 3, 5))
+    affine = image.affine.copy()
+    affine[:3, :3] = image.affine[:3, :3] * factor
+    affine[:3, 3] = image.affine[:3, :3] @ np.full(3, (factor - 1) / 2) + image.affine[:3, 3]
+    return nib.Nifti1Image(blocks, affine)
 
 
 def crop_to_foreground(image: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -76,6 +92,10 @@ def main():
     for name, file in TRAIN.items():
         image = mricron(file)
         image = nib.Nifti1Image(np.asarray(image.get_fdata(), np.float32), image.affine)
+        nib.save(image, out / "train" / f"{name}.nii.gz")
+        print(f"wrote {out / 'train' / name}.nii.gz: {image.shape}")
+    for name, (file, factor) in BLOCK_AVERAGED.items():
+        image = block_average(mricron(file), factor)
         nib.save(image, out / "train" / f"{name}.nii.gz")
         print(f"wrote {out / 'train' / name}.nii.gz: {image.shape}")
     for name, image in heldout_sources().items():

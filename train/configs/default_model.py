@@ -1,8 +1,8 @@
 """The recipe of the shipped default model (README "Model card").
 
 A compact RDN with the tricubic-residual decoder, trained on 2 CPU cores on one subject
-(Colin 27 from Debian's mricron-data: the head with skull at 1 mm and 0.5 mm, and its
-skull-stripped brain) under heavy augmentation: random tissue contrasts, Rician noise,
+(Colin 27 from Debian's mricron-data: the head with skull at 2 mm, 1 mm and 0.5 mm, and its
+skull-stripped brain at 1 mm) under heavy augmentation: random tissue contrasts, Rician noise,
 gamma, scale, bias field, bright spots, HR blur (smooth images such as templates), masks
 cut through the tissue (skull-stripped edges, some fading
 towards the cut as a template's partial-volume rim does), LR clipped at 0 or not; mean squared
@@ -19,7 +19,7 @@ from arssr_jax.data import AugmentConfig, DataConfig
 from arssr_jax.models import ModelConfig
 from arssr_jax.training.config import OptimConfig, TrainConfig, ValidationConfig
 
-STEPS_PER_EPOCH = 100  # 3 training volumes x 400 patches / batch 12
+STEPS_PER_EPOCH = 100  # 4 training volumes x 300 patches / batch 12
 
 
 def get_config():
@@ -36,7 +36,7 @@ def get_config():
         ),
         data=DataConfig(
             paths=("data/train",), patch_size=40, lr_size=10, scale_min=2.0, scale_max=4.0,
-            degrade="centred", samples_per_step=4000, batch_size=12, samples_per_volume=400,
+            degrade="centred", samples_per_step=4000, batch_size=12, samples_per_volume=300,
             seed=0, worker_count=0, read_threads=1, prefetch=2, min_foreground=0.1,
             augment=AugmentConfig(flip=True, permute=True, contrast=0.4, gamma=0.2, intensity_scale=0.2,
                                   bias_field=0.2, rician_noise=0.06, bright_spots=0.4, blur=0.5, mask_cut=0.5,
