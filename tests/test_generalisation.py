@@ -307,6 +307,13 @@ def test_new_data_options_round_trip_through_the_saved_training_config():
             config.replace(loss_balance=bad).validate()
 
 
+def _numpy_balance_weights(v, exponent):
+    """Independent reference: tenths of the patch's range, weight (bin count) ** -exponent, mean 1."""
+    bins = np.clip(((v - v.min()) / np.ptp(v) * 10).astype(int), 0, 9)
+    w = np.bincount(bins, minlength=10)[bins] ** -float(exponent)
+    return w / w.mean()
+
+
 def test_intensity_balance_weights_give_every_occupied_tenth_the_same_share_at_exponent_one():
     from arssr_jax.training.step import intensity_balance_weights
 
@@ -317,9 +324,7 @@ def test_intensity_balance_weights_give_every_occupied_tenth_the_same_share_at_e
     np.testing.assert_allclose(w.mean(axis=1), 1.0, rtol=1e-6)  # mean 1 per patch
     np.testing.assert_allclose([w[0, :90].sum(), w[0, 90:].sum()], [50.0, 50.0], rtol=1e-5)
     np.testing.assert_allclose(w[1], 1.0, rtol=1e-6)  # one bin: nothing to balance
-    bins = np.clip(((values[2, :, 0] - values[2].min()) / np.ptp(values[2]) * 10).astype(int), 0, 9)
-    expected = 1.0 / np.bincount(bins, minlength=10)[bins]
-    np.testing.assert_allclose(w[2, :, 0], expected / expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(w[2, :, 0], _numpy_balance_weights(values[2, :, 0], 1.0), rtol=1e-5)
     half = np.asarray(intensity_balance_weights(jnp.asarray(values, jnp.float32), 0.5))
     np.testing.assert_allclose(half[0, 0, 0] / half[0, -1, 0], np.sqrt(10 / 90), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(intensity_balance_weights(jnp.asarray(values, jnp.float32), 0.0)), 1.0,
@@ -337,12 +342,7 @@ def test_balanced_l2_loss_is_the_weighted_mean_squared_error():
              "coords": jnp.asarray(rng.uniform(-1, 1, (2, 40, 3)), jnp.float32),
              "values": jnp.asarray(values, jnp.float32)}
     error = (np.asarray(predict(model, params, batch["lr"], batch["coords"])) - values) ** 2
-    weights = np.empty_like(values)
-    for n in range(2):  # tenths of each patch's range, weight count ** -0.5, mean 1
-        v = values[n, :, 0]
-        bins = np.clip(((v - v.min()) / np.ptp(v) * 10).astype(int), 0, 9)
-        w = np.bincount(bins, minlength=10)[bins] ** -0.5
-        weights[n, :, 0] = w / w.mean()
+    weights = np.stack([_numpy_balance_weights(values[n, :, 0], 0.5) for n in range(2)])[..., None]
     want = np.mean(error * weights)
     assert float(arssr_loss(model, "l2", 0.5)(params, batch)) == pytest.approx(want, rel=1e-5)
     assert float(arssr_loss(model, "l2", 0.5)(params, batch)) != pytest.approx(np.mean(error), rel=1e-3)

@@ -82,6 +82,20 @@ def heldout_sources() -> dict:
     }
 
 
+def training_volumes():
+    """(name, float32 image) of every training volume: the files as they are, then the block averages."""
+    for name, file in TRAIN.items():
+        image = mricron(file)
+        yield name, nib.Nifti1Image(np.asarray(image.get_fdata(), np.float32), image.affine)
+    for name, (file, factor) in BLOCK_AVERAGED.items():
+        yield name, block_average(mricron(file), factor)
+
+
+def write(image: nib.Nifti1Image, path: Path) -> None:
+    nib.save(image, path)
+    print(f"wrote {path}: {image.shape}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
@@ -89,19 +103,10 @@ def main():
     out = Path(args.out_dir)
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "heldout").mkdir(parents=True, exist_ok=True)
-    for name, file in TRAIN.items():
-        image = mricron(file)
-        image = nib.Nifti1Image(np.asarray(image.get_fdata(), np.float32), image.affine)
-        nib.save(image, out / "train" / f"{name}.nii.gz")
-        print(f"wrote {out / 'train' / name}.nii.gz: {image.shape}")
-    for name, (file, factor) in BLOCK_AVERAGED.items():
-        image = block_average(mricron(file), factor)
-        nib.save(image, out / "train" / f"{name}.nii.gz")
-        print(f"wrote {out / 'train' / name}.nii.gz: {image.shape}")
+    for name, image in training_volumes():
+        write(image, out / "train" / f"{name}.nii.gz")
     for name, image in heldout_sources().items():
-        image = crop_to_foreground(image)
-        nib.save(image, out / "heldout" / f"{name}.nii.gz")
-        print(f"wrote {out / 'heldout' / name}.nii.gz: {image.shape}")
+        write(crop_to_foreground(image), out / "heldout" / f"{name}.nii.gz")
 
 
 if __name__ == "__main__":
