@@ -17,7 +17,7 @@ from arssr_jax.errors import ArSSRError
 from arssr_jax.evaluation import protocol, tables
 from arssr_jax.evaluation.cli import main
 from arssr_jax.evaluation.simulate import lr_shape_for, simulate, simulate_lr
-from arssr_jax.metrics import psnr
+from arssr_jax.metrics import psnr, ssim_factors
 from arssr_jax import interpolation as interp
 from arssr_jax.models import ModelConfig, baselines as B, build_model, init_params
 from arssr_jax.weights.baseline_dir import save_baseline
@@ -206,14 +206,14 @@ def test_heldout_options_head_bands_clip_and_one_table_per_volume(tmp_path):
         nibabel.save(nibabel.Nifti1Image(crop, np.eye(4)), volumes[-1])
     out = tmp_path / "heldout"
     rc = main([str(v) for v in volumes] + ["--out", str(out), "--scales", "2", "--arssr", "ArSSR=default",
-                                            "--metrics", "psnr,ssim_head,psnr_head,bands", "--clip-lr",
+                                            "--metrics", "psnr,ssim_head,psnr_head,ssim_factors,bands", "--clip-lr",
                                             "--by-volume", "--no-figures", "--quiet"])
     assert rc == 0
     md = (out / "results.md").read_text()
     assert md.count("### ") == 2 and "### first.nii.gz" in md and "LR clipped at 0" in md
-    assert "PSNR head (dB)" in md and "worst / tricubic" in md
+    assert "PSNR head (dB)" in md and "SSIM contrast" in md and "worst / tricubic" in md
     rows = read_csv(out / "results_per_volume.csv")
-    assert {"psnr_head", "ssim_head", "mae_band_0", "mae_band_9"} <= set(rows[0])
+    assert {"psnr_head", "ssim_head", "ssim_contrast", "mae_band_0", "mae_band_9"} <= set(rows[0])
     cubic = [r for r in rows if r["model"] == "tricubic"][0]
     hr = data[:, :, :20]
     lr = np.maximum(simulate_lr(hr, 2.0), 0.0)  # --clip-lr: the same LR the rows were scored on
@@ -221,3 +221,6 @@ def test_heldout_options_head_bands_clip_and_one_table_per_volume(tmp_path):
     head = protocol.head_mask(hr)
     assert float(cubic["psnr_head"]) == pytest.approx(psnr(sr, hr, mask=head), rel=1e-5)
     assert float(cubic["mae_band_0"]) == pytest.approx(protocol.band_errors(sr, hr)["mae_band_0"], rel=1e-5)
+    factors = ssim_factors(sr, hr)
+    for name in ("luminance", "contrast", "structure"):
+        assert float(cubic[f"ssim_{name}"]) == pytest.approx(factors[name], rel=1e-5)

@@ -331,6 +331,15 @@ def test_intensity_balance_weights_give_every_occupied_tenth_the_same_share_at_e
                                rtol=1e-6)
 
 
+def _random_batch(seed, k, values=None):
+    """Two random LR patches (6^3), K random coordinates each, and their targets."""
+    rng = np.random.default_rng(seed)
+    values = rng.random((2, k, 1)) if values is None else values
+    return {"lr": jnp.asarray(rng.random((2, 6, 6, 6, 1)), jnp.float32),
+            "coords": jnp.asarray(rng.uniform(-1, 1, (2, k, 3)), jnp.float32),
+            "values": jnp.asarray(values, jnp.float32)}
+
+
 def test_balanced_l2_loss_is_the_weighted_mean_squared_error():
     from arssr_jax.models import predict
     from arssr_jax.training.step import arssr_loss
@@ -338,9 +347,7 @@ def test_balanced_l2_loss_is_the_weighted_mean_squared_error():
     model, params = _zero_output_model()
     rng = np.random.default_rng(22)
     values = np.where(rng.random((2, 40, 1)) < 0.8, 0.05, 0.7) + 0.01 * rng.random((2, 40, 1))
-    batch = {"lr": jnp.asarray(rng.random((2, 6, 6, 6, 1)), jnp.float32),
-             "coords": jnp.asarray(rng.uniform(-1, 1, (2, 40, 3)), jnp.float32),
-             "values": jnp.asarray(values, jnp.float32)}
+    batch = _random_batch(22, 40, values)
     error = (np.asarray(predict(model, params, batch["lr"], batch["coords"])) - values) ** 2
     weights = np.stack([_numpy_balance_weights(values[n, :, 0], 0.5) for n in range(2)])[..., None]
     want = np.mean(error * weights)
@@ -390,10 +397,7 @@ def test_l2_training_loss_is_the_mean_squared_error():
     from arssr_jax.training.step import arssr_loss
 
     model, params = _zero_output_model()
-    rng = np.random.default_rng(16)
-    batch = {"lr": jnp.asarray(rng.random((2, 6, 6, 6, 1)), jnp.float32),
-             "coords": jnp.asarray(rng.uniform(-1, 1, (2, 30, 3)), jnp.float32),
-             "values": jnp.asarray(rng.random((2, 30, 1)), jnp.float32)}
+    batch = _random_batch(16, 30)
     pred = np.asarray(predict(model, params, batch["lr"], batch["coords"]))
     error = pred - np.asarray(batch["values"])
     assert float(arssr_loss(model, "l2")(params, batch)) == pytest.approx(np.mean(error ** 2), rel=1e-5)
@@ -427,3 +431,90 @@ def test_block_average_is_a_coarser_acquisition_of_the_same_world():
     expected = (np.array([0.5, -2.0, 3.0]) @ world + 7.0).reshape(coarse.shape)
     np.testing.assert_allclose(np.asarray(coarse.dataobj), expected, rtol=0, atol=1e-4)
     np.testing.assert_allclose(np.abs(coarse.affine[:3, :3]).sum(0), [1.8, 2.4, 2.2])
+
+
+# --------------------------------------------------------------------------- the SSIM term on cubes
+
+
+def test_cube_samples_are_whole_cubes_of_neighbouring_voxels_with_their_values():
+    from arssr_jax.coords import index_to_normalised
+    from arssr_jax.data.samples import sample_cubes
+
+    hr = np.random.default_rng(30).random((12, 9, 10)).astype(np.float32)
+    coords, values = sample_cubes(hr, 5 * 27, 3, np.random.default_rng(31))
+    assert coords.shape == (135, 3) and values.shape == (135, 1)
+    # back to voxel indices: every run of 27 is one 3x3x3 cube, in C order, with hr's values
+    n = np.asarray(hr.shape, np.float64)
+    grid = [index_to_normalised(np.arange(m, dtype=np.float64), m) for m in hr.shape]
+    index = np.stack([np.abs(coords[:, a, None] - grid[a][None]).argmin(1) for a in range(3)], -1)
+    np.testing.assert_allclose(index_to_normalised(index.astype(np.float64), n), coords, atol=1e-6)
+    np.testing.assert_array_equal(values[:, 0], hr[tuple(index.T)])
+    cubes = index.reshape(5, 27, 3)
+    offsets = np.stack(np.unravel_index(np.arange(27), (3, 3, 3)), -1)
+    np.testing.assert_array_equal(cubes - cubes[:, :1], np.broadcast_to(offsets, cubes.shape))
+    assert len({tuple(c[0]) for c in cubes}) == 5  # distinct cubes
+    again = sample_cubes(hr, 5 * 27, 3, np.random.default_rng(31))
+    np.testing.assert_array_equal(again[0], coords)
+
+
+def test_point_examples_draw_cubes_when_asked_and_bad_cube_settings_are_refused():
+    from arssr_jax.data import make_sample
+
+    volume = normalise_volume(np.random.default_rng(32).random((30, 30, 30)), "v")
+    config = DataConfig(patch_size=24, lr_size=6, scale_min=2.0, scale_max=3.0, samples_per_step=8 * 27,
+                        sample_cube=3, min_foreground=0.0).validate()
+    example = make_sample(volume, config, np.random.default_rng(3))
+    spacing = np.abs(np.diff(example["coords"][:27], axis=0)).max()  # neighbours within a cube
+    assert example["coords"].shape == (216, 3) and spacing < 2.5 * 2 / 12
+    with pytest.raises(ArSSRError, match="multiple of 3"):
+        DataConfig(patch_size=24, lr_size=6, samples_per_step=100, sample_cube=3).validate()
+    with pytest.raises(ArSSRError, match="sample_cube"):
+        DataConfig(patch_size=24, lr_size=6, samples_per_step=100, sample_cube=13).validate()
+
+
+def test_cube_ssim_is_the_evaluation_ssim_with_the_cube_as_its_window():
+    from arssr_jax.training.step import cube_ssim
+
+    rng = np.random.default_rng(33)
+    truth = rng.random((2, 3, 5, 5, 5))  # 2 patches x 3 cubes of 5^3
+    pred = 0.7 * truth + 0.2 * rng.random(truth.shape)
+    got = np.asarray(cube_ssim(jnp.asarray(pred.reshape(2, 375, 1)), jnp.asarray(truth.reshape(2, 375, 1)), 125))
+    # the metric's windowed SSIM of a 5^3 image with a 5-voxel window is that one window's SSIM
+    want = [[ssim(pred[n, c], truth[n, c], data_range=1.0, win_size=5) for c in range(3)] for n in range(2)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(cube_ssim(jnp.asarray(truth.reshape(2, 375, 1)),
+                                                    jnp.asarray(truth.reshape(2, 375, 1)), 125)), 1.0, rtol=1e-6)
+
+
+def test_ssim_term_adds_its_weight_times_one_minus_the_mean_cube_ssim():
+    from arssr_jax.models import predict
+    from arssr_jax.training.step import arssr_loss, cube_ssim
+
+    model, params = _zero_output_model()
+    batch = _random_batch(34, 54)
+    pred = predict(model, params, batch["lr"], batch["coords"])
+    penalty = float(np.mean(1.0 - np.asarray(cube_ssim(pred, batch["values"], 27))))
+    plain = float(arssr_loss(model, "l2", 0.5)(params, batch))
+    with_ssim = float(arssr_loss(model, "l2", 0.5, ssim_weight=0.3, cube=3)(params, batch))
+    assert penalty > 0.1 and with_ssim == pytest.approx(plain + 0.3 * penalty, rel=1e-5)
+
+
+def test_ssim_options_round_trip_and_need_cubes():
+    import json
+
+    from arssr_jax.training.config import TrainConfig
+    from arssr_jax.training.tasks import make_task
+
+    data = DataConfig(patch_size=24, lr_size=6, samples_per_step=8 * 27, sample_cube=3, min_foreground=0.0)
+    config = TrainConfig(model=TINY_RESIDUAL, data=data, init_output=0.0, loss="l2", ssim_weight=0.05).validate()
+    again = TrainConfig.from_dict(json.loads(config.to_json()))
+    assert again == config and again.ssim_weight == 0.05 and again.data.sample_cube == 3
+    task = make_task(again)
+    assert task.ssim_weight == 0.05 and task.cube == 3
+    old = json.loads(config.to_json())
+    del old["ssim_weight"], old["data"]["sample_cube"]
+    assert TrainConfig.from_dict(old).ssim_weight == 0.0 and TrainConfig.from_dict(old).data.sample_cube == 1
+    with pytest.raises(ArSSRError, match="sample_cube >= 2"):
+        config.replace(data=DataConfig(patch_size=24, lr_size=6, samples_per_step=200)).validate()
+    with pytest.raises(ArSSRError, match="ssim_weight"):
+        config.replace(ssim_weight=-1.0).validate()

@@ -20,7 +20,9 @@ from arssr_jax.metrics import (
     slicewise,
     slicewise_per_axis,
     ssim,
+    ssim_factors,
 )
+from arssr_jax.metrics.reference import _ssim_factor_maps
 
 ANAT = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
 SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -88,6 +90,55 @@ def test_ssim_matches_skimage_real(anat, mni):
         pred_i.astype(np.float64), gt, data_range=gt.max() - gt.min()
     )
     assert abs(ssim(pred_i, anat) - ref) <= 1e-6
+
+
+def _brute_force_factors(pred, gt, win, c1, c2):
+    """SSIM's factors at every interior voxel, one window at a time (numpy only)."""
+    pad = win // 2
+    out = []
+    for i in range(pad, gt.shape[0] - pad):
+        for j in range(pad, gt.shape[1] - pad):
+            for k in range(pad, gt.shape[2] - pad):
+                box = (slice(i - pad, i + pad + 1), slice(j - pad, j + pad + 1), slice(k - pad, k + pad + 1))
+                x, y = pred[box].ravel(), gt[box].ravel()
+                sx, sy = x.std(ddof=1), y.std(ddof=1)
+                sxy = np.cov(x, y, ddof=1)[0, 1]
+                out.append(((2 * x.mean() * y.mean() + c1) / (x.mean() ** 2 + y.mean() ** 2 + c1),
+                            (2 * sx * sy + c2) / (sx * sx + sy * sy + c2),
+                            (sxy + c2 / 2) / (sx * sy + c2 / 2)))
+    return np.mean(out, axis=0)
+
+
+def test_ssim_factors_match_one_window_at_a_time_and_multiply_to_ssim():
+    rng = np.random.default_rng(3)
+    gt = gaussian_filter(rng.random((11, 10, 9)), 1.0)
+    pred = 0.6 * gt + 0.05 * rng.standard_normal(gt.shape)
+    rng_gt = gt.max() - gt.min()
+    c1, c2 = (0.01 * rng_gt) ** 2, (0.03 * rng_gt) ** 2
+    got = ssim_factors(pred, gt, win_size=5)
+    want = _brute_force_factors(pred, gt, 5, c1, c2)
+    np.testing.assert_allclose([got["luminance"], got["contrast"], got["structure"]], want, rtol=1e-9)
+    # per voxel, luminance x contrast x structure is the SSIM map
+    lum, con, struct = _ssim_factor_maps(pred, gt, rng_gt, 5, 0.01, 0.03)
+    assert (lum * con * struct)[2:-2, 2:-2, 2:-2].mean() == pytest.approx(ssim(pred, gt, win_size=5), rel=1e-12)
+
+
+def test_ssim_factors_tell_a_smooth_copy_from_a_wrong_one(anat):
+    gt = anat.astype(np.float64)
+    same = ssim_factors(gt, gt)
+    assert all(v == pytest.approx(1.0, abs=1e-12) for v in same.values())
+    # halving the detail around the mean keeps the structure (a positive affine map of the
+    # truth correlates perfectly) and costs contrast
+    halved = ssim_factors(0.5 * gt + 0.5 * gt.mean(), gt)
+    assert halved["structure"] == pytest.approx(1.0, abs=1e-9)
+    assert halved["contrast"] < 0.95
+    # added noise keeps most of the contrast and costs structure
+    rng = np.random.default_rng(0)
+    noisy = ssim_factors(gt + rng.normal(0, 0.5 * gt.std(), gt.shape), gt)
+    assert noisy["structure"] < 0.9 < noisy["contrast"]
+    # the mask selects like ssim's
+    mask = gt > np.median(gt)
+    assert set(ssim_factors(gt, gt, mask=mask)) == {"luminance", "contrast", "structure"}
 
 
 def test_identical_images(anat):

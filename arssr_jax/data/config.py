@@ -101,6 +101,10 @@ class DataConfig:
                          'centred' resampling; off like the reference.
     samples_per_step:    K, HR coordinates drawn per patch (without replacement) by the
                          point examples (``make_sample``); unused by whole-patch ones.
+    sample_cube:         1: the K voxels are drawn independently. c > 1: they are K / c^3
+                         distinct cubes of c x c x c neighbouring voxels (cubes may overlap),
+                         cube after cube, so a loss can compare each cube's local mean,
+                         spread and correlation (``TrainConfig.ssim_weight``).
     batch_size:          global batch (all processes together) per step.
     seed:                the one seed everything is derived from.
     worker_count:        worker processes computing batches (0: in this process,
@@ -134,6 +138,7 @@ class DataConfig:
     degrade: str = "centred"
     antialias: bool = False
     samples_per_step: int = 8000
+    sample_cube: int = 1
     batch_size: int = 15
     seed: int = 0
     worker_count: int = 0
@@ -223,6 +228,16 @@ class DataConfig:
         if points and self.samples_per_step > lo ** 3:
             bad("samples_per_step", f"K must be <= {lo ** 3} HR voxels of the smallest HR "
                 f"patch ({lo}^3 at the smallest scale); lower K or raise scale_min")
+        c = self.sample_cube
+        if not isinstance(c, int) or c < 1 or c > lo:
+            bad("sample_cube", f"the cube edge must be an integer from 1 to {lo} (the smallest HR patch's edge)")
+        if points and c > 1:
+            if self.samples_per_step % c ** 3:
+                bad("sample_cube", f"K = samples_per_step = {self.samples_per_step} must be a multiple of "
+                    f"{c}^3 = {c ** 3}; change K or the cube edge")
+            if self.samples_per_step // c ** 3 > (lo - c + 1) ** 3:
+                bad("sample_cube", f"{self.samples_per_step // c ** 3} distinct cubes do not fit in the smallest "
+                    f"HR patch ({lo}^3); lower K")
         a = self.augment
         for field in ("gamma", "intensity_scale", "bias_field", "noise_std", "rician_noise"):
             if getattr(a, field) < 0:

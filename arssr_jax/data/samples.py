@@ -190,6 +190,19 @@ def sample_coords(hr: np.ndarray, k: int, rng: np.random.Generator):
     return coords, values
 
 
+def sample_cubes(hr: np.ndarray, k: int, edge: int, rng: np.random.Generator):
+    """K / edge^3 distinct cubes of edge^3 neighbouring HR voxels (they may overlap), cube
+    after cube, each in C order: normalised voxel-centre coordinates (K, 3), values (K, 1)."""
+    corners = tuple(n - edge + 1 for n in hr.shape)
+    flat = rng.choice(int(np.prod(corners)), size=k // edge ** 3, replace=False)
+    corner = np.stack(np.unravel_index(flat, corners), axis=-1)
+    offset = np.stack(np.unravel_index(np.arange(edge ** 3), (edge,) * 3), axis=-1)
+    index = (corner[:, None, :] + offset[None, :, :]).reshape(-1, 3)
+    coords = index_to_normalised(index.astype(np.float64), np.asarray(hr.shape, np.float64)).astype(np.float32)
+    values = hr[tuple(index.T)].reshape(-1, 1).astype(np.float32)
+    return coords, values
+
+
 def make_patch(volume: np.ndarray, config: DataConfig, rng: np.random.Generator,
                scales=None):
     """(hr, lr, scales): an HR patch and its LR (both 3D float32), before coordinate draws."""
@@ -231,12 +244,16 @@ class ExampleMaker(Protocol):
 @dataclasses.dataclass(frozen=True)
 class PointSample:
     """The LR patch and K = ``samples_per_step`` distinct voxels of its HR patch (what ArSSR
-    trains on): ``lr (n, n, n, 1)``, ``coords (K, 3)`` (normalised voxel centres), ``values
-    (K, 1)``, all float32. The draws of :func:`make_patch`, then the K coordinates."""
+    trains on; in cubes with ``sample_cube`` > 1): ``lr (n, n, n, 1)``, ``coords (K, 3)``
+    (normalised voxel centres), ``values (K, 1)``, all float32. The draws of
+    :func:`make_patch`, then the K coordinates."""
 
     def __call__(self, volume: np.ndarray, config: DataConfig, rng: np.random.Generator) -> Example:
         hr, lr, _ = make_patch(volume, config, rng)
-        coords, values = sample_coords(hr, config.samples_per_step, rng)
+        if config.sample_cube > 1:
+            coords, values = sample_cubes(hr, config.samples_per_step, config.sample_cube, rng)
+        else:
+            coords, values = sample_coords(hr, config.samples_per_step, rng)
         return {"lr": lr[..., None], "coords": coords, "values": values}
 
     def validate(self, config: DataConfig) -> DataConfig:

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable: one per scale)")
     p.add_argument("--nearest", action="store_true", help="add a nearest-neighbour row (sanity floor)")
     p.add_argument("--metrics", default="psnr,ssim,psi,lpc_si,dice",
-                   help="comma-separated subset of psnr,ssim,psnr_head,ssim_head,psi,lpc_si,dice,bands "
+                   help="comma-separated subset of psnr,ssim,psnr_head,ssim_head,ssim_factors,psi,lpc_si,dice,bands "
                    "(real scans: psi,lpc_si only)")
     p.add_argument("--clip-lr", action="store_true",
                    help="clip the simulated LR at 0, as a magnitude image is")

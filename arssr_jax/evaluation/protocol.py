@@ -17,6 +17,10 @@ by every runner onto the ground truth's grid and scored against it:
 * ``psnr_head``, ``ssim_head``: the same inside the head (:func:`head_mask`: the
   ground truth above its Otsu threshold, holes filled), data range still the whole
   ground truth's;
+* ``ssim_factors``: SSIM's luminance, contrast and structure factors over the whole
+  volume (:func:`arssr_jax.metrics.ssim_factors`; columns ``ssim_luminance``,
+  ``ssim_contrast``, ``ssim_structure``): whether a lower SSIM comes from a smoother
+  output (contrast) or a wrong one (structure);
 * ``bands``: the mean absolute error in each band of ground-truth intensity
   (:data:`BAND_EDGES`, as fractions of the ground truth's range above its minimum):
   columns ``mae_band_0`` .. ``mae_band_9``, so no band's error can hide in an average.
@@ -43,7 +47,8 @@ from arssr_jax.progress import progress_counter
 from arssr_jax.evaluation.runners import Runner
 from arssr_jax.evaluation.simulate import simulate_lr
 
-METRICS = ("psnr", "ssim", "psnr_head", "ssim_head", "psi", "lpc_si", "dice", "bands")
+METRICS = ("psnr", "ssim", "psnr_head", "ssim_head", "ssim_factors", "psi", "lpc_si", "dice", "bands")
+SSIM_FACTOR_COLUMNS = ("ssim_luminance", "ssim_contrast", "ssim_structure")
 NO_REFERENCE = ("psi", "lpc_si")
 PAPER_SCALES = (2.0, 2.5, 3.0, 3.5, 4.0)
 PSI_BLOCK = 32
@@ -150,6 +155,9 @@ def reference_scores(sr, gt, mask, tissue, metrics, head=None, bands=None) -> di
         out["psnr"] = M.psnr(sr, gt)
     if "ssim" in metrics:
         out["ssim"] = M.ssim(sr, gt)
+    if "ssim_factors" in metrics:
+        factors = M.ssim_factors(sr, gt)
+        out.update({f"ssim_{name}": value for name, value in factors.items()})
     if "psnr_head" in metrics or "ssim_head" in metrics:
         head = head_mask(gt) if head is None else head
         if "psnr_head" in metrics:

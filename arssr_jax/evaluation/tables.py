@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from arssr_jax.evaluation.protocol import BAND_EDGES, GROUND_TRUTH, Results
+from arssr_jax.evaluation.protocol import BAND_EDGES, GROUND_TRUTH, SSIM_FACTOR_COLUMNS, Results
 from arssr_jax.tempfiles import publish_mode
 
 HEADINGS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_head": "PSNR head (dB)", "ssim_head": "SSIM head",
-            "psi": "PSI", "lpc_si": "LPC-SI", "dice": "Dice"}
+            "psi": "PSI", "lpc_si": "LPC-SI", "dice": "Dice", "ssim_luminance": "SSIM luminance",
+            "ssim_contrast": "SSIM contrast", "ssim_structure": "SSIM structure"}
 DIGITS = {"psnr": 2, "psnr_head": 2}
 DEFAULT_DIGITS = 4
 
@@ -38,6 +39,9 @@ def metric_columns(results: Results) -> list[str]:
         if m == "bands":
             columns.extend(sorted({k for r in results.records for k in r if k.startswith("mae_band_")},
                                   key=lambda k: int(k.rsplit("_", 1)[1])))
+            continue
+        if m == "ssim_factors":
+            columns.extend(SSIM_FACTOR_COLUMNS)
             continue
         columns.append(m)
         if m == "dice":
@@ -137,7 +141,8 @@ def markdown(results: Results, rows=None) -> str:
     if n > 1:
         lines.append("Values: mean ± standard deviation over volumes.")
     lines.append("")
-    metrics = [m for m in results.metrics if m != "bands"]
+    metrics = [c for m in results.metrics if m != "bands"
+               for c in (SSIM_FACTOR_COLUMNS if m == "ssim_factors" else (m,))]
     main = [r for r in rows if r["model"] != GROUND_TRUTH]
     lines.append("| Scale | Model | " + " | ".join(HEADINGS[m] for m in metrics) + " |")
     lines.append("|---|---|" + "---:|" * len(metrics))

@@ -1,4 +1,4 @@
-"""Full-reference metrics: PSNR and SSIM (2D or 3D), computed in float64.
+"""Full-reference metrics: PSNR, SSIM and its three factors (2D or 3D), computed in float64.
 
 Both take ``(prediction, ground_truth)`` in that order and, as in the ArSSR paper,
 use the ground truth's range ``max(gt) - min(gt)`` as the data range.
@@ -14,7 +14,7 @@ from scipy.ndimage import uniform_filter
 from arssr_jax.errors import ArSSRError
 from arssr_jax.metrics._validation import as_image, check_data_range, gt_range, same_shape
 
-__all__ = ["psnr", "ssim"]
+__all__ = ["psnr", "ssim", "ssim_factors"]
 
 
 def _check_mask(mask, shape):
@@ -49,18 +49,8 @@ def psnr(prediction, ground_truth, *, data_range=None, mask=None) -> float:
     return float(10.0 * np.log10(rng * rng / mse))
 
 
-def ssim(prediction, ground_truth, data_range=None, *, win_size: int = 7,
-         k1: float = 0.01, k2: float = 0.03, mask=None) -> float:
-    """Mean structural similarity of two 2D or 3D images.
-
-    Reproduces ``skimage.metrics.structural_similarity(pred, gt, data_range=R)``
-    with skimage's defaults: a ``win_size``-voxel (7) uniform window
-    (``scipy.ndimage.uniform_filter``, mode ``'reflect'``), K1=0.01, K2=0.03,
-    sample covariance (N/(N-1) with N = win_size**ndim), and the mean of the SSIM
-    map over the interior left after cropping ``(win_size-1)//2`` voxels from
-    every side. ``R`` defaults to ``max(gt) - min(gt)``. Computed in float64.
-    ``mask``: the mean over the voxels of the interior that the mask selects instead.
-    """
+def _ssim_inputs(prediction, ground_truth, data_range, win_size, mask):
+    """Checked float64 (prediction, ground truth, data range, mask)."""
     pred = as_image(prediction, "prediction", ndims=(2, 3))
     gt = as_image(ground_truth, "ground_truth", ndims=(2, 3))
     same_shape(pred, gt)
@@ -73,30 +63,80 @@ def ssim(prediction, ground_truth, data_range=None, *, win_size: int = 7,
             f"pass images at least {win_size} voxels in every dimension or a smaller odd win_size."
         )
     rng = gt_range(gt) if data_range is None else check_data_range(data_range)
+    return pred, gt, rng, mask
 
+
+def _window_statistics(pred, gt, win_size):
+    """Local means, variances and covariance over a uniform ``win_size`` window (sample
+    covariance, N/(N-1) with N = win_size**ndim, as skimage)."""
     n = win_size ** gt.ndim
     cov_norm = n / (n - 1.0)
     mu_x = uniform_filter(pred, size=win_size)
     mu_y = uniform_filter(gt, size=win_size)
-    mu_xx = uniform_filter(pred * pred, size=win_size)
-    mu_yy = uniform_filter(gt * gt, size=win_size)
-    mu_xy = uniform_filter(pred * gt, size=win_size)
-    var_x = cov_norm * (mu_xx - mu_x * mu_x)
-    var_y = cov_norm * (mu_yy - mu_y * mu_y)
-    cov_xy = cov_norm * (mu_xy - mu_x * mu_y)
+    var_x = cov_norm * (uniform_filter(pred * pred, size=win_size) - mu_x * mu_x)
+    var_y = cov_norm * (uniform_filter(gt * gt, size=win_size) - mu_y * mu_y)
+    cov_xy = cov_norm * (uniform_filter(pred * gt, size=win_size) - mu_x * mu_y)
+    return mu_x, mu_y, var_x, var_y, cov_xy
 
-    c1 = (k1 * rng) ** 2
-    c2 = (k2 * rng) ** 2
-    num = (2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
-    den = (mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)
-    ssim_map = num / den
 
+def _interior_mean(score_map, win_size, mask) -> float:
+    """The mean over the voxels at least (win_size - 1) // 2 from every side (and in ``mask``)."""
     pad = (win_size - 1) // 2
-    crop = tuple(slice(pad, s - pad) for s in ssim_map.shape)
-    interior = ssim_map[crop]
+    crop = tuple(slice(pad, s - pad) for s in score_map.shape)
+    interior = score_map[crop]
     if mask is not None:
         inside = mask[crop]
         if not inside.any():
             raise ArSSRError(f"the mask selects no voxel at least {pad} voxels from the border; pass a larger mask")
         return float(interior[inside].mean(dtype=np.float64))
     return float(interior.mean(dtype=np.float64))
+
+
+def ssim(prediction, ground_truth, data_range=None, *, win_size: int = 7,
+         k1: float = 0.01, k2: float = 0.03, mask=None) -> float:
+    """Mean structural similarity of two 2D or 3D images.
+
+    Reproduces ``skimage.metrics.structural_similarity(pred, gt, data_range=R)``
+    with skimage's defaults: a ``win_size``-voxel (7) uniform window
+    (``scipy.ndimage.uniform_filter``, mode ``'reflect'``), K1=0.01, K2=0.03,
+    sample covariance (N/(N-1) with N = win_size**ndim), and the mean of the SSIM
+    map over the interior left after cropping ``(win_size-1)//2`` voxels from
+    every side. ``R`` defaults to ``max(gt) - min(gt)``. Computed in float64.
+    ``mask``: the mean over the voxels of the interior that the mask selects instead.
+    """
+    pred, gt, rng, mask = _ssim_inputs(prediction, ground_truth, data_range, win_size, mask)
+    mu_x, mu_y, var_x, var_y, cov_xy = _window_statistics(pred, gt, win_size)
+    c1 = (k1 * rng) ** 2
+    c2 = (k2 * rng) ** 2
+    num = (2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
+    den = (mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)
+    return _interior_mean(num / den, win_size, mask)
+
+
+def _ssim_factor_maps(pred, gt, rng, win_size, k1, k2):
+    """Luminance, contrast and structure maps; their product is the SSIM map (C3 = C2 / 2)."""
+    mu_x, mu_y, var_x, var_y, cov_xy = _window_statistics(pred, gt, win_size)
+    c1, c2 = (k1 * rng) ** 2, (k2 * rng) ** 2
+    c3 = c2 / 2
+    sigma_xy = np.sqrt(np.maximum(var_x, 0.0) * np.maximum(var_y, 0.0))
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1)
+    contrast = (2 * sigma_xy + c2) / (var_x + var_y + c2)
+    structure = (cov_xy + c3) / (sigma_xy + c3)
+    return luminance, contrast, structure
+
+
+def ssim_factors(prediction, ground_truth, data_range=None, *, win_size: int = 7,
+                 k1: float = 0.01, k2: float = 0.03, mask=None) -> dict[str, float]:
+    """SSIM's three factors (Wang et al. 2004), each averaged like :func:`ssim`.
+
+    ``luminance`` compares the local means, ``contrast`` the local standard deviations
+    (below 1 when the prediction varies less, or more, than the truth), ``structure``
+    the local correlation. Per voxel, their product is the SSIM map, so they tell why
+    one method's SSIM is below another's: an output smoother than the truth loses
+    contrast even where it correlates better. Same windows, constants and data range as
+    :func:`ssim`.
+    """
+    pred, gt, rng, mask = _ssim_inputs(prediction, ground_truth, data_range, win_size, mask)
+    maps = _ssim_factor_maps(pred, gt, rng, win_size, k1, k2)
+    return {name: _interior_mean(m, win_size, mask)
+            for name, m in zip(("luminance", "contrast", "structure"), maps)}

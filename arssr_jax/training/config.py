@@ -120,6 +120,11 @@ class TrainConfig:
                     into tenths of the patch's intensity range and weighted by (bin count)^-a,
                     mean 1 per patch, so rare intensities (bright vessels, dark CSF pockets,
                     partial-volume rims) are not traded for the common ones (ArSSR only).
+    ssim_weight:    0 (off) or w > 0: the loss adds w x the mean (1 - SSIM) over cubes of
+                    ``data.sample_cube``^3 neighbouring targets (ArSSR only; needs sample_cube
+                    >= 2). The mean squared error alone predicts the expected value, smoother
+                    than any one truth where the LR cannot tell the texture; SSIM's contrast
+                    factor charges for that smoothness.
     init_output:    None keeps the model's initialisation; a value v zeroes the decoder's
                     last layer's weights and sets its bias to v, so training starts from
                     the prediction v everywhere with the final ReLU active. (With random
@@ -142,6 +147,7 @@ class TrainConfig:
     baseline: Optional[BaselineConfig] = None
     loss: str = "l1"
     loss_balance: float = 0.0
+    ssim_weight: float = 0.0
 
     # -- derived quantities ----------------------------------------------------
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -175,6 +181,11 @@ class TrainConfig:
             raise ArSSRError(f"loss={self.loss!r}: use one of {LOSSES}")
         if not (isinstance(self.loss_balance, (int, float)) and 0.0 <= self.loss_balance <= 4.0):
             raise ArSSRError(f"loss_balance={self.loss_balance!r}: use an exponent from 0 (off) to 4, e.g. 0.5")
+        if not (isinstance(self.ssim_weight, (int, float)) and 0.0 <= self.ssim_weight <= 10.0):
+            raise ArSSRError(f"ssim_weight={self.ssim_weight!r}: use a weight from 0 (off) to 10, e.g. 0.02")
+        if self.ssim_weight and (self.baseline is not None or self.data.sample_cube < 2):
+            raise ArSSRError(f"ssim_weight={self.ssim_weight!r} needs ArSSR targets drawn in cubes: set "
+                             "data.sample_cube >= 2 (e.g. 5 with samples_per_step 4000), or ssim_weight=0")
         # the data as the task's examples need it (ArSSR: K points per patch; a baseline: one scale)
         (make_sample if self.baseline is None else make_tricubic_pair).validate(self.data)
         o = self.optim

@@ -56,9 +56,29 @@ def intensity_balance_weights(values, exponent: float):
     return jax.lax.stop_gradient(weights / weights.mean(axis=1, keepdims=True))[..., None]
 
 
-def arssr_loss(model: ArSSR, loss: str = "l1", balance: float = 0.0) -> Callable:
+SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # SSIM's (K1 R)^2, (K2 R)^2 for normalised intensities (R = 1)
+
+
+def cube_ssim(pred, values, cube_voxels: int):
+    """SSIM of each run of ``cube_voxels`` consecutive targets (one cube of
+    ``DataConfig.sample_cube``): (N, K, 1) -> (N, K / cube_voxels). The evaluation's formula
+    (sample covariance, K1 = 0.01, K2 = 0.03, data range 1) with the cube as the window."""
+    n = cube_voxels
+    x = pred[..., 0].astype(jnp.float32).reshape(pred.shape[0], -1, n)
+    y = values[..., 0].astype(jnp.float32).reshape(values.shape[0], -1, n)
+    mx, my = x.mean(-1), y.mean(-1)
+    dx, dy = x - mx[..., None], y - my[..., None]
+    vx, vy = (dx * dx).sum(-1) / (n - 1), (dy * dy).sum(-1) / (n - 1)
+    cxy = (dx * dy).sum(-1) / (n - 1)
+    return ((2 * mx * my + SSIM_C1) * (2 * cxy + SSIM_C2)) / ((mx * mx + my * my + SSIM_C1) * (vx + vy + SSIM_C2))
+
+
+def arssr_loss(model: ArSSR, loss: str = "l1", balance: float = 0.0, ssim_weight: float = 0.0,
+               cube: int = 1) -> Callable:
     """Mean L1 (or L2) of the model's predictions at the batch's coordinates; with
-    ``balance`` > 0, weighted by :func:`intensity_balance_weights` (rare intensities count more)."""
+    ``balance`` > 0, weighted by :func:`intensity_balance_weights` (rare intensities count more);
+    with ``ssim_weight`` > 0, plus ``ssim_weight`` x the mean (1 - SSIM) of the batch's
+    ``cube``^3-voxel cubes (:func:`cube_ssim`), so an output smoother than the truth costs."""
 
     block = default_decode_block()
     error = LOSS_FUNCTIONS[loss]
@@ -67,9 +87,13 @@ def arssr_loss(model: ArSSR, loss: str = "l1", balance: float = 0.0) -> Callable
         features = encode(model, params, batch["lr"])
         pred = decode_in_blocks(model, params, features, batch["coords"], block)
         if not balance:
-            return error(pred, batch["values"])
-        per_sample = error(pred, batch["values"], reduce=False)
-        return jnp.mean(per_sample * intensity_balance_weights(batch["values"], balance))
+            value = error(pred, batch["values"])
+        else:
+            per_sample = error(pred, batch["values"], reduce=False)
+            value = jnp.mean(per_sample * intensity_balance_weights(batch["values"], balance))
+        if ssim_weight:
+            value = value + ssim_weight * jnp.mean(1.0 - cube_ssim(pred, batch["values"], cube ** 3))
+        return value
 
     return loss_fn
 

@@ -6,7 +6,8 @@ how to initialise the parameters, the loss of a batch and how to validate:
 
 * :class:`ArSSRTask`: examples are the LR patch and K points of the HR patch
   (``arssr_jax.data.make_sample``); the LR patch is encoded, the K coordinates decoded;
-  L1 (or L2, optionally weighted towards rare intensities) on them.
+  L1 (or L2, optionally weighted towards rare intensities, optionally plus an SSIM term on
+  cubes of neighbouring points) on them.
 * :class:`BaselineTask`: examples are the tricubic-upsampled LR patch and the HR patch
   (``examples.make_tricubic_pair``); the CNN maps one to the other; L1 on every HR voxel
   (the paper trains its baselines this way, one model per scale).
@@ -59,6 +60,8 @@ class ArSSRTask:
     description: str = ""
     loss_name: str = "l1"
     loss_balance: float = 0.0
+    ssim_weight: float = 0.0
+    cube: int = 1
     make_example: ClassVar[ExampleMaker] = make_sample
     checks_dead_output: ClassVar[bool] = True  # a closed final ReLU gives a zero first gradient
 
@@ -68,7 +71,7 @@ class ArSSRTask:
 
     @property
     def loss(self) -> Callable:
-        return arssr_loss(self.model, self.loss_name, self.loss_balance)
+        return arssr_loss(self.model, self.loss_name, self.loss_balance, self.ssim_weight, self.cube)
 
     def validator(self, samples, chunk: int) -> Validator:
         return Validator(self.model, samples, chunk=chunk)
@@ -104,7 +107,8 @@ def make_task(config: TrainConfig) -> Task:
     if config.baseline is None:
         return ArSSRTask(build_model(config.model), (config.data.lr_size,) * 3, config.init_output,
                          description=config.model.encoder, loss_name=config.loss,
-                         loss_balance=config.loss_balance)
+                         loss_balance=config.loss_balance, ssim_weight=config.ssim_weight,
+                         cube=config.data.sample_cube)
     from arssr_jax.models.baselines import build_baseline
 
     module = build_baseline(config.baseline.name, config.baseline.options)
