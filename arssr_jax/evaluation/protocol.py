@@ -156,8 +156,8 @@ def reference_scores(sr, gt, mask, tissue, metrics, head=None, bands=None) -> di
     if "ssim" in metrics:
         out["ssim"] = M.ssim(sr, gt)
     if "ssim_factors" in metrics:
-        factors = M.ssim_factors(sr, gt)
-        out.update({f"ssim_{name}": value for name, value in factors.items()})
+        factors = M.ssim_factors(sr, gt)  # luminance, contrast, structure, as the columns
+        out.update(zip(SSIM_FACTOR_COLUMNS, factors.values()))
     if "psnr_head" in metrics or "ssim_head" in metrics:
         head = head_mask(gt) if head is None else head
         if "psnr_head" in metrics:
