@@ -466,10 +466,34 @@ def test_point_examples_draw_cubes_when_asked_and_bad_cube_settings_are_refused(
     example = make_sample(volume, config, np.random.default_rng(3))
     spacing = np.abs(np.diff(example["coords"][:27], axis=0)).max()  # neighbours within a cube
     assert example["coords"].shape == (216, 3) and spacing < 2.5 * 2 / 12
-    with pytest.raises(ArSSRError, match="multiple of 3"):
+    with pytest.raises(ArSSRError, match="whole number"):
         DataConfig(patch_size=24, lr_size=6, samples_per_step=100, sample_cube=3).validate()
+    with pytest.raises(ArSSRError, match="whole number"):
+        DataConfig(patch_size=24, lr_size=6, samples_per_step=216, sample_cube=3, cube_fraction=0.3).validate()
+    with pytest.raises(ArSSRError, match="cube_fraction"):
+        DataConfig(patch_size=24, lr_size=6, samples_per_step=216, sample_cube=3, cube_fraction=0.0).validate()
     with pytest.raises(ArSSRError, match="sample_cube"):
         DataConfig(patch_size=24, lr_size=6, samples_per_step=100, sample_cube=13).validate()
+
+
+def test_a_cube_fraction_draws_the_first_targets_in_cubes_and_the_rest_scattered():
+    from arssr_jax.data import make_sample
+
+    volume = normalise_volume(np.random.default_rng(35).random((30, 30, 30)), "v")
+    config = DataConfig(patch_size=24, lr_size=6, scale_min=2.0, scale_max=2.0, samples_per_step=8 * 27,
+                        sample_cube=3, cube_fraction=0.5, min_foreground=0.0, seed=1).validate()
+    assert config.cube_targets == 4 * 27
+    example = make_sample(volume, config, np.random.default_rng(4))
+    step = 2.0 / 12  # one HR voxel of the 12^3 patch in normalised coordinates
+    index = np.rint((np.asarray(example["coords"], np.float64) + 1.0) / step - 0.5).astype(int)
+    assert example["coords"].shape == (216, 3) and index.min() >= 0 and index.max() < 12
+    cubes = index[:108].reshape(4, 27, 3)
+    offsets = np.stack(np.unravel_index(np.arange(27), (3, 3, 3)), -1)
+    np.testing.assert_array_equal(cubes - cubes[:, :1], np.broadcast_to(offsets, cubes.shape))
+    scattered = index[108:]
+    assert len({tuple(i) for i in scattered}) == 108  # distinct voxels
+    # scattered, not cubes: consecutive draws are rarely neighbours
+    assert np.mean(np.abs(np.diff(scattered, axis=0)).max(1) <= 1) < 0.2
 
 
 def test_cube_ssim_is_the_evaluation_ssim_with_the_cube_as_its_window():
@@ -497,6 +521,10 @@ def test_ssim_term_adds_its_weight_times_one_minus_the_mean_cube_ssim():
     plain = float(arssr_loss(model, "l2", 0.5)(params, batch))
     with_ssim = float(arssr_loss(model, "l2", 0.5, ssim_weight=0.3, cube=3)(params, batch))
     assert penalty > 0.1 and with_ssim == pytest.approx(plain + 0.3 * penalty, rel=1e-5)
+    # only the first cube_targets targets are cubes: the term is over those alone
+    first = float(np.mean(1.0 - np.asarray(cube_ssim(pred[:, :27], batch["values"][:, :27], 27))))
+    partial = float(arssr_loss(model, "l2", 0.5, ssim_weight=0.3, cube=3, cube_targets=27)(params, batch))
+    assert first != pytest.approx(penalty, rel=1e-3) and partial == pytest.approx(plain + 0.3 * first, rel=1e-5)
 
 
 def test_ssim_options_round_trip_and_need_cubes():
@@ -505,15 +533,18 @@ def test_ssim_options_round_trip_and_need_cubes():
     from arssr_jax.training.config import TrainConfig
     from arssr_jax.training.tasks import make_task
 
-    data = DataConfig(patch_size=24, lr_size=6, samples_per_step=8 * 27, sample_cube=3, min_foreground=0.0)
+    data = DataConfig(patch_size=24, lr_size=6, samples_per_step=8 * 27, sample_cube=3, cube_fraction=0.25,
+                      min_foreground=0.0)
     config = TrainConfig(model=TINY_RESIDUAL, data=data, init_output=0.0, loss="l2", ssim_weight=0.05).validate()
     again = TrainConfig.from_dict(json.loads(config.to_json()))
     assert again == config and again.ssim_weight == 0.05 and again.data.sample_cube == 3
+    assert again.data.cube_fraction == 0.25
     task = make_task(again)
-    assert task.ssim_weight == 0.05 and task.cube == 3
+    assert task.ssim_weight == 0.05 and task.cube == 3 and task.cube_targets == 2 * 27
     old = json.loads(config.to_json())
-    del old["ssim_weight"], old["data"]["sample_cube"]
+    del old["ssim_weight"], old["data"]["sample_cube"], old["data"]["cube_fraction"]
     assert TrainConfig.from_dict(old).ssim_weight == 0.0 and TrainConfig.from_dict(old).data.sample_cube == 1
+    assert TrainConfig.from_dict(old).data.cube_fraction == 1.0
     with pytest.raises(ArSSRError, match="sample_cube >= 2"):
         config.replace(data=DataConfig(patch_size=24, lr_size=6, samples_per_step=200)).validate()
     with pytest.raises(ArSSRError, match="ssim_weight"):

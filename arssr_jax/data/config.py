@@ -105,6 +105,9 @@ class DataConfig:
                          distinct cubes of c x c x c neighbouring voxels (cubes may overlap),
                          cube after cube, so a loss can compare each cube's local mean,
                          spread and correlation (``TrainConfig.ssim_weight``).
+    cube_fraction:       with sample_cube > 1, the fraction of the K targets drawn in cubes
+                         (first); the rest are drawn independently, so a loss over all K still
+                         sees scattered voxels. ``K * cube_fraction`` must be a whole number of cubes.
     batch_size:          global batch (all processes together) per step.
     seed:                the one seed everything is derived from.
     worker_count:        worker processes computing batches (0: in this process,
@@ -139,6 +142,7 @@ class DataConfig:
     antialias: bool = False
     samples_per_step: int = 8000
     sample_cube: int = 1
+    cube_fraction: float = 1.0
     batch_size: int = 15
     seed: int = 0
     worker_count: int = 0
@@ -191,6 +195,13 @@ class DataConfig:
         """Steps per epoch (last, partial batch counted), as a DataLoader without drop_last."""
         return math.ceil(self.samples_per_epoch(num_volumes) / self.batch_size)
 
+    @property
+    def cube_targets(self) -> int:
+        """How many of the K targets lie in cubes (the first ones): 0 without cubes."""
+        if self.sample_cube < 2:
+            return 0
+        return round(self.samples_per_step * self.cube_fraction / self.sample_cube ** 3) * self.sample_cube ** 3
+
     def validate(self, points: bool = True) -> "DataConfig":
         """Raise :class:`ArSSRError` naming the first bad field; return self.
 
@@ -231,12 +242,15 @@ class DataConfig:
         c = self.sample_cube
         if not isinstance(c, int) or c < 1 or c > lo:
             bad("sample_cube", f"the cube edge must be an integer from 1 to {lo} (the smallest HR patch's edge)")
+        if not (isinstance(self.cube_fraction, (int, float)) and 0.0 < self.cube_fraction <= 1.0):
+            bad("cube_fraction", "the fraction of targets drawn in cubes must lie in (0, 1]")
         if points and c > 1:
-            if self.samples_per_step % c ** 3:
-                bad("sample_cube", f"K = samples_per_step = {self.samples_per_step} must be a multiple of "
-                    f"{c}^3 = {c ** 3}; change K or the cube edge")
-            if self.samples_per_step // c ** 3 > (lo - c + 1) ** 3:
-                bad("sample_cube", f"{self.samples_per_step // c ** 3} distinct cubes do not fit in the smallest "
+            cubes = self.samples_per_step * self.cube_fraction / c ** 3
+            if abs(cubes - round(cubes)) > 1e-9 or round(cubes) < 1:
+                bad("sample_cube", f"K x cube_fraction = {self.samples_per_step} x {self.cube_fraction:g} must be a "
+                    f"whole number (>= 1) of {c}^3 = {c ** 3}-voxel cubes; change K, cube_fraction or the cube edge")
+            if round(cubes) > (lo - c + 1) ** 3:
+                bad("sample_cube", f"{round(cubes)} distinct cubes do not fit in the smallest "
                     f"HR patch ({lo}^3); lower K")
         a = self.augment
         for field in ("gamma", "intensity_scale", "bias_field", "noise_std", "rician_noise"):

@@ -74,11 +74,12 @@ def cube_ssim(pred, values, cube_voxels: int):
 
 
 def arssr_loss(model: ArSSR, loss: str = "l1", balance: float = 0.0, ssim_weight: float = 0.0,
-               cube: int = 1) -> Callable:
+               cube: int = 1, cube_targets: Optional[int] = None) -> Callable:
     """Mean L1 (or L2) of the model's predictions at the batch's coordinates; with
     ``balance`` > 0, weighted by :func:`intensity_balance_weights` (rare intensities count more);
     with ``ssim_weight`` > 0, plus ``ssim_weight`` x the mean (1 - SSIM) of the batch's
-    ``cube``^3-voxel cubes (:func:`cube_ssim`), so an output smoother than the truth costs."""
+    ``cube``^3-voxel cubes (:func:`cube_ssim`), so an output smoother than the truth costs.
+    The cubes are the first ``cube_targets`` targets (None: all of them)."""
 
     block = default_decode_block()
     error = LOSS_FUNCTIONS[loss]
@@ -92,7 +93,8 @@ def arssr_loss(model: ArSSR, loss: str = "l1", balance: float = 0.0, ssim_weight
             per_sample = error(pred, batch["values"], reduce=False)
             value = jnp.mean(per_sample * intensity_balance_weights(batch["values"], balance))
         if ssim_weight:
-            value = value + ssim_weight * jnp.mean(1.0 - cube_ssim(pred, batch["values"], cube ** 3))
+            n = pred.shape[1] if cube_targets is None else cube_targets
+            value = value + ssim_weight * jnp.mean(1.0 - cube_ssim(pred[:, :n], batch["values"][:, :n], cube ** 3))
         return value
 
     return loss_fn

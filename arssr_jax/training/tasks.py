@@ -62,6 +62,7 @@ class ArSSRTask:
     loss_balance: float = 0.0
     ssim_weight: float = 0.0
     cube: int = 1
+    cube_targets: Optional[int] = None
     make_example: ClassVar[ExampleMaker] = make_sample
     checks_dead_output: ClassVar[bool] = True  # a closed final ReLU gives a zero first gradient
 
@@ -71,7 +72,8 @@ class ArSSRTask:
 
     @property
     def loss(self) -> Callable:
-        return arssr_loss(self.model, self.loss_name, self.loss_balance, self.ssim_weight, self.cube)
+        return arssr_loss(self.model, self.loss_name, self.loss_balance, self.ssim_weight, self.cube,
+                          self.cube_targets)
 
     def validator(self, samples, chunk: int) -> Validator:
         return Validator(self.model, samples, chunk=chunk)
@@ -108,7 +110,7 @@ def make_task(config: TrainConfig) -> Task:
         return ArSSRTask(build_model(config.model), (config.data.lr_size,) * 3, config.init_output,
                          description=config.model.encoder, loss_name=config.loss,
                          loss_balance=config.loss_balance, ssim_weight=config.ssim_weight,
-                         cube=config.data.sample_cube)
+                         cube=config.data.sample_cube, cube_targets=config.data.cube_targets)
     from arssr_jax.models.baselines import build_baseline
 
     module = build_baseline(config.baseline.name, config.baseline.options)
