@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: bars are drawn on terminals only, never as notebook widgets
 
 
 def shows(enabled: bool = True) -> bool:
