@@ -244,19 +244,17 @@ class ExampleMaker(Protocol):
 @dataclasses.dataclass(frozen=True)
 class PointSample:
     """The LR patch and K = ``samples_per_step`` distinct voxels of its HR patch (what ArSSR
-    trains on; the first ``config.cube_targets`` of them in cubes with ``sample_cube`` > 1): ``lr (n, n, n, 1)``, ``coords (K, 3)``
+    trains on; with ``sample_cube`` > 1 the first ``config.cube_targets`` lie in cubes, and the
+    scattered rest may repeat a cube's voxel): ``lr (n, n, n, 1)``, ``coords (K, 3)``
     (normalised voxel centres), ``values (K, 1)``, all float32. The draws of
     :func:`make_patch`, then the K coordinates."""
 
     def __call__(self, volume: np.ndarray, config: DataConfig, rng: np.random.Generator) -> Example:
         hr, lr, _ = make_patch(volume, config, rng)
-        in_cubes = config.cube_targets
-        if in_cubes:
-            coords, values = sample_cubes(hr, in_cubes, config.sample_cube, rng)
-        if in_cubes < config.samples_per_step:
-            scattered = sample_coords(hr, config.samples_per_step - in_cubes, rng)
-            coords, values = (scattered if not in_cubes else
-                              tuple(np.concatenate(pair) for pair in zip((coords, values), scattered)))
+        in_cubes, k = config.cube_targets, config.samples_per_step
+        draws = ([sample_cubes(hr, in_cubes, config.sample_cube, rng)] if in_cubes else []) + \
+                ([sample_coords(hr, k - in_cubes, rng)] if in_cubes < k else [])
+        coords, values = (np.concatenate(parts) for parts in zip(*draws))  # cubes first, then scattered
         return {"lr": lr[..., None], "coords": coords, "values": values}
 
     def validate(self, config: DataConfig) -> DataConfig:
