@@ -245,13 +245,12 @@ class DataConfig:
         if not (isinstance(self.cube_fraction, (int, float)) and 0.0 < self.cube_fraction <= 1.0):
             bad("cube_fraction", "the fraction of targets drawn in cubes must lie in (0, 1]")
         if points and c > 1:
-            cubes = self.samples_per_step * self.cube_fraction / c ** 3
-            if abs(cubes - round(cubes)) > 1e-9 or round(cubes) < 1:
+            cubes = self.cube_targets // c ** 3  # K x cube_fraction, rounded to whole cubes
+            if abs(self.cube_targets - self.samples_per_step * self.cube_fraction) > 1e-6 or cubes < 1:
                 bad("sample_cube", f"K x cube_fraction = {self.samples_per_step} x {self.cube_fraction:g} must be a "
                     f"whole number (>= 1) of {c}^3 = {c ** 3}-voxel cubes; change K, cube_fraction or the cube edge")
-            if round(cubes) > (lo - c + 1) ** 3:
-                bad("sample_cube", f"{round(cubes)} distinct cubes do not fit in the smallest "
-                    f"HR patch ({lo}^3); lower K")
+            if cubes > (lo - c + 1) ** 3:
+                bad("sample_cube", f"{cubes} distinct cubes do not fit in the smallest HR patch ({lo}^3); lower K")
         a = self.augment
         for field in ("gamma", "intensity_scale", "bias_field", "noise_std", "rician_noise"):
             if getattr(a, field) < 0:

@@ -32,6 +32,11 @@ DIGITS = {"psnr": 2, "psnr_head": 2}
 DEFAULT_DIGITS = 4
 
 
+def _columns_of(metric: str) -> tuple:
+    """The fixed columns one metric writes (ssim_factors: three; bands and dice add their own)."""
+    return SSIM_FACTOR_COLUMNS if metric == "ssim_factors" else (metric,)
+
+
 def metric_columns(results: Results) -> list[str]:
     """Every numeric column of the records, in the order the metrics were chosen."""
     columns = []
@@ -40,10 +45,7 @@ def metric_columns(results: Results) -> list[str]:
             columns.extend(sorted({k for r in results.records for k in r if k.startswith("mae_band_")},
                                   key=lambda k: int(k.rsplit("_", 1)[1])))
             continue
-        if m == "ssim_factors":
-            columns.extend(SSIM_FACTOR_COLUMNS)
-            continue
-        columns.append(m)
+        columns.extend(_columns_of(m))
         if m == "dice":
             extra = sorted({k for r in results.records for k in r if k.startswith("dice_")})
             columns.extend(extra)
@@ -141,8 +143,7 @@ def markdown(results: Results, rows=None) -> str:
     if n > 1:
         lines.append("Values: mean ± standard deviation over volumes.")
     lines.append("")
-    metrics = [c for m in results.metrics if m != "bands"
-               for c in (SSIM_FACTOR_COLUMNS if m == "ssim_factors" else (m,))]
+    metrics = [c for m in results.metrics if m != "bands" for c in _columns_of(m)]
     main = [r for r in rows if r["model"] != GROUND_TRUTH]
     lines.append("| Scale | Model | " + " | ".join(HEADINGS[m] for m in metrics) + " |")
     lines.append("|---|---|" + "---:|" * len(metrics))
