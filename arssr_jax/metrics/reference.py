@@ -16,6 +16,8 @@ from arssr_jax.metrics._validation import as_image, check_data_range, gt_range, 
 
 __all__ = ["psnr", "ssim", "ssim_factors"]
 
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # Wang et al. 2004 and scikit-image: C1 = (K1 R)^2, C2 = (K2 R)^2
+
 
 def _check_mask(mask, shape):
     if mask is None:
@@ -93,7 +95,7 @@ def _interior_mean(score_map, win_size, mask) -> float:
 
 
 def ssim(prediction, ground_truth, data_range=None, *, win_size: int = 7,
-         k1: float = 0.01, k2: float = 0.03, mask=None) -> float:
+         k1: float = SSIM_K1, k2: float = SSIM_K2, mask=None) -> float:
     """Mean structural similarity of two 2D or 3D images.
 
     Reproduces ``skimage.metrics.structural_similarity(pred, gt, data_range=R)``
@@ -126,7 +128,7 @@ def _ssim_factor_maps(pred, gt, rng, win_size, k1, k2):
 
 
 def ssim_factors(prediction, ground_truth, data_range=None, *, win_size: int = 7,
-                 k1: float = 0.01, k2: float = 0.03, mask=None) -> dict[str, float]:
+                 k1: float = SSIM_K1, k2: float = SSIM_K2, mask=None) -> dict[str, float]:
     """SSIM's three factors (Wang et al. 2004), each averaged like :func:`ssim`.
 
     ``luminance`` compares the local means, ``contrast`` the local standard deviations

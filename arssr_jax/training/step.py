@@ -23,6 +23,7 @@ import optax
 from arssr_jax import metrics
 from arssr_jax.coords import grid_for_shape, normalised_to_index
 from arssr_jax.inference import decode_grid
+from arssr_jax.metrics.reference import SSIM_K1, SSIM_K2
 from arssr_jax.models import ArSSR, decode_in_blocks, default_decode_block, encode
 from arssr_jax.training.state import TrainState
 
@@ -56,13 +57,13 @@ def intensity_balance_weights(values, exponent: float):
     return jax.lax.stop_gradient(weights / weights.mean(axis=1, keepdims=True))[..., None]
 
 
-SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # SSIM's (K1 R)^2, (K2 R)^2 for normalised intensities (R = 1)
+SSIM_C1, SSIM_C2 = SSIM_K1 ** 2, SSIM_K2 ** 2  # the evaluation's (K1 R)^2, (K2 R)^2 for normalised intensities (R = 1)
 
 
 def cube_ssim(pred, values, cube_voxels: int):
     """SSIM of each run of ``cube_voxels`` consecutive targets (one cube of
     ``DataConfig.sample_cube``): (N, K, 1) -> (N, K / cube_voxels). The evaluation's formula
-    (sample covariance, K1 = 0.01, K2 = 0.03, data range 1) with the cube as the window."""
+    (sample covariance, the metric's K1 and K2, data range 1) with the cube as the window."""
     n = cube_voxels
     x = pred[..., 0].astype(jnp.float32).reshape(pred.shape[0], -1, n)
     y = values[..., 0].astype(jnp.float32).reshape(values.shape[0], -1, n)
