@@ -49,7 +49,8 @@ def get_config():
                              every_epochs=5.0, chunk=16384, seed=7),
         # 6000 steps (63 min; 4000 with decay every 9 epochs gave 0.1-0.2 dB less and a worse
         # MNI152 rim on the held-out sources; 8000 with decay every 18 gained PSNR on the templates
-        # but lost SSIM on the noisy 2 mm scan and widened MNI152's rim at x2.5).
+        # but lost SSIM on the noisy 2 mm scan and widened MNI152's rim at x2.5; all within the
+        # spread between seeds, see the README's model card).
         # Interrupt and rerun the same command to resume.
         steps=6000,
         log_every=25,
