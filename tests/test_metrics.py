@@ -123,6 +123,23 @@ def test_ssim_factors_match_one_window_at_a_time_and_multiply_to_ssim():
     assert (lum * con * struct)[2:-2, 2:-2, 2:-2].mean() == pytest.approx(ssim(pred, gt, win_size=5), rel=1e-12)
 
 
+def test_ssim_scores_equal_separate_ssim_and_factor_calls():
+    """One pass over the windows gives exactly what ssim (whole, masked) and ssim_factors give."""
+    from arssr_jax.metrics import ssim_scores
+
+    rng = np.random.default_rng(5)
+    gt = gaussian_filter(rng.random((14, 12, 11)), 1.0)
+    pred = 0.7 * gt + 0.03 * rng.standard_normal(gt.shape)
+    head = gt > np.median(gt)
+    got = ssim_scores(pred, gt, data_range=1.0, masks={"ssim": None, "ssim_head": head}, factors=True)
+    assert got["ssim"] == ssim(pred, gt, data_range=1.0)
+    assert got["ssim_head"] == ssim(pred, gt, data_range=1.0, mask=head)
+    assert {k: got[k] for k in ("luminance", "contrast", "structure")} == ssim_factors(pred, gt, data_range=1.0)
+    assert set(ssim_scores(pred, gt)) == {"ssim"}
+    with pytest.raises(ArSSRError, match="mask"):
+        ssim_scores(pred, gt, masks={"ssim": head[:-1]})
+
+
 def test_ssim_factors_tell_a_smooth_copy_from_a_wrong_one(anat):
     gt = anat.astype(np.float64)
     same = ssim_factors(gt, gt)

@@ -153,17 +153,16 @@ def reference_scores(sr, gt, mask, tissue, metrics, head=None, bands=None) -> di
     out = {}
     if "psnr" in metrics:
         out["psnr"] = M.psnr(sr, gt)
-    if "ssim" in metrics:
-        out["ssim"] = M.ssim(sr, gt)
-    if "ssim_factors" in metrics:
-        factors = M.ssim_factors(sr, gt)  # luminance, contrast, structure, as the columns
-        out.update(zip(SSIM_FACTOR_COLUMNS, factors.values()))
     if "psnr_head" in metrics or "ssim_head" in metrics:
         head = head_mask(gt) if head is None else head
-        if "psnr_head" in metrics:
-            out["psnr_head"] = M.psnr(sr, gt, mask=head)
-        if "ssim_head" in metrics:
-            out["ssim_head"] = M.ssim(sr, gt, mask=head)
+    if "psnr_head" in metrics:
+        out["psnr_head"] = M.psnr(sr, gt, mask=head)
+    masks = {name: mask for name, mask in (("ssim", None), ("ssim_head", head)) if name in metrics}
+    if masks or "ssim_factors" in metrics:  # one pass over the SSIM windows serves them all
+        scores = M.ssim_scores(sr, gt, masks=masks, factors="ssim_factors" in metrics)
+        out.update((name, scores[name]) for name in masks)
+        if "ssim_factors" in metrics:
+            out.update(zip(SSIM_FACTOR_COLUMNS, (scores[k] for k in ("luminance", "contrast", "structure"))))
     out.update(no_reference_scores(sr, mask, metrics))
     if "dice" in metrics:
         d = M.dice(sr, gt, model=tissue)

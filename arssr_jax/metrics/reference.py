@@ -107,17 +107,22 @@ def ssim(prediction, ground_truth, data_range=None, *, win_size: int = 7,
     ``mask``: the mean over the voxels of the interior that the mask selects instead.
     """
     pred, gt, rng, mask = _ssim_inputs(prediction, ground_truth, data_range, win_size, mask)
-    mu_x, mu_y, var_x, var_y, cov_xy = _window_statistics(pred, gt, win_size)
-    c1 = (k1 * rng) ** 2
-    c2 = (k2 * rng) ** 2
+    statistics = _window_statistics(pred, gt, win_size)
+    return _interior_mean(_ssim_map(statistics, rng, k1, k2), win_size, mask)
+
+
+def _ssim_map(statistics, rng, k1, k2):
+    mu_x, mu_y, var_x, var_y, cov_xy = statistics
+    c1, c2 = (k1 * rng) ** 2, (k2 * rng) ** 2
     num = (2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
     den = (mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)
-    return _interior_mean(num / den, win_size, mask)
+    return num / den
 
 
-def _ssim_factor_maps(pred, gt, rng, win_size, k1, k2):
+def _ssim_factor_maps(pred, gt, rng, win_size, k1, k2, statistics=None):
     """Luminance, contrast and structure maps; their product is the SSIM map (C3 = C2 / 2)."""
-    mu_x, mu_y, var_x, var_y, cov_xy = _window_statistics(pred, gt, win_size)
+    statistics = _window_statistics(pred, gt, win_size) if statistics is None else statistics
+    mu_x, mu_y, var_x, var_y, cov_xy = statistics
     c1, c2 = (k1 * rng) ** 2, (k2 * rng) ** 2
     c3 = c2 / 2
     sigma_xy = np.sqrt(np.maximum(var_x, 0.0) * np.maximum(var_y, 0.0))
@@ -142,3 +147,26 @@ def ssim_factors(prediction, ground_truth, data_range=None, *, win_size: int = 7
     maps = _ssim_factor_maps(pred, gt, rng, win_size, k1, k2)
     return {name: _interior_mean(m, win_size, mask)
             for name, m in zip(("luminance", "contrast", "structure"), maps)}
+
+
+def ssim_scores(prediction, ground_truth, data_range=None, *, win_size: int = 7, k1: float = SSIM_K1,
+                k2: float = SSIM_K2, masks: dict | None = None, factors: bool = False) -> dict[str, float]:
+    """:func:`ssim` for each of several masks, and optionally :func:`ssim_factors`, from one
+    computation of the window statistics (the costly part on a whole volume).
+
+    ``masks``: {name: mask or None}; returns {name: SSIM over that mask} (default
+    ``{"ssim": None}``, the whole interior), plus "luminance", "contrast" and "structure"
+    over the whole interior with ``factors=True``. Each number equals what :func:`ssim` or
+    :func:`ssim_factors` returns for the same arguments.
+    """
+    masks = {"ssim": None} if masks is None else masks
+    pred, gt, rng, _ = _ssim_inputs(prediction, ground_truth, data_range, win_size, None)
+    checked = {name: _check_mask(mask, gt.shape) for name, mask in masks.items()}
+    statistics = _window_statistics(pred, gt, win_size)
+    score_map = _ssim_map(statistics, rng, k1, k2)
+    out = {name: _interior_mean(score_map, win_size, mask) for name, mask in checked.items()}
+    if factors:
+        maps = _ssim_factor_maps(pred, gt, rng, win_size, k1, k2, statistics)
+        out.update({name: _interior_mean(m, win_size, None)
+                    for name, m in zip(("luminance", "contrast", "structure"), maps)})
+    return out
