@@ -11,6 +11,9 @@ Held-out sources (never used for training or for choosing a checkpoint):
   mni152   nilearn's MNI152 2009 T1 template, 1 mm, brain only (an average of 152 brains)
   anatomical  nibabel's bundled ``anatomical.nii``, a real single-subject 2 mm T1
   inia19   the INIA19 rhesus macaque T1 template, 0.5 mm, brain only (``mricron-data``)
+  epi      nibabel's bundled ``example4d.nii.gz``, first volume: a real T2*-weighted
+           gradient-echo EPI (another contrast: CSF bright, white matter dark), 2 x 2 x 2.2 mm,
+           brain-masked
   ->  OUT/heldout/<source>.nii.gz, each cropped to its foreground's bounding box plus
   8 voxels (the background far from the head scores the same for every method).
 
@@ -74,12 +77,21 @@ def heldout_sources() -> dict:
         from nilearn.datasets import load_mni152_template
     except ImportError:
         sys.exit("nilearn is missing: pip install nilearn (it ships the MNI152 template)")
-    anatomical = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
     return {
         "mni152": load_mni152_template(resolution=1),
-        "anatomical": nib.load(need(anatomical, "reinstall nibabel (pip install --force-reinstall nibabel)")),
+        "anatomical": nib.load(nibabel_data("anatomical.nii")),
         "inia19": mricron("inia19-t1-brain.nii.gz"),
+        "epi": first_volume(nib.load(nibabel_data("example4d.nii.gz"))),
     }
+
+
+def nibabel_data(name: str) -> Path:
+    path = Path(nib.__file__).parent / "tests" / "data" / name
+    return need(path, "reinstall nibabel (pip install --force-reinstall nibabel)")
+
+
+def first_volume(image: nib.Nifti1Image) -> nib.Nifti1Image:
+    return nib.Nifti1Image(np.asarray(image.dataobj[..., 0], np.float32), image.affine)
 
 
 def training_volumes():
