@@ -46,7 +46,7 @@ def _upsample(args) -> None:
         from arssr_jax.inference import upsample_nifti
 
         result = upsample_nifti(args.paths[0], args.paths[1], args.model, padding=args.padding,
-                                progress=not args.quiet, **options)
+                                consistency=args.consistency, progress=not args.quiet, **options)
         if not args.quiet:
             print(f"wrote {args.paths[1]}: {_describe(result)}")
         return
@@ -119,7 +119,7 @@ def _upsample_many(args, jobs, options) -> None:
     from arssr_jax.inference import Upsampler
     from arssr_jax.progress import progress_bar
 
-    upsampler = Upsampler(args.model, padding=args.padding)  # a bad --model fails once, before any input
+    upsampler = Upsampler(args.model, padding=args.padding, consistency=args.consistency)  # a bad --model fails once
     failed = 0
     bar = progress_bar(jobs, desc="upsample", unit="scan", enabled=not args.quiet)
 
@@ -185,6 +185,9 @@ def _add_upsample(commands) -> None:
                     help="feed intensities as they are (must already be in [0, 1]) and write the raw output")
     up.add_argument("--padding", choices=["zeros", "border"], default=None,
                     help="feature sampling beyond the outer voxel centres (default: the model's, zeros as the reference)")
+    up.add_argument("--consistency", type=float, default=None, metavar="STEP",
+                    help="after decoding, remove this fraction (0 to 1) of the output's disagreement with the input "
+                    "(default: the model's own; 0 = the network's output as it is)")
     up.add_argument("--chunk", type=int, default=None, help="at most this many HR voxels decoded per call (default 65536 on CPU, 2^20 on GPU)")
     up.add_argument("--tile", type=int, default=None, help="encoder tile core size in LR voxels (default: from free memory)")
     up.add_argument("--volume-index", type=int, default=None, metavar="I", help="volume of a 4D input to use")

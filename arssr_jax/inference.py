@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arssr_jax import coords as grids
+from arssr_jax.consistency import back_project
 from arssr_jax.errors import ArSSRError
 from arssr_jax.intensity import Normalisation
 from arssr_jax.models import (
@@ -172,6 +173,17 @@ def resolve_model(model, padding=None):
     return module, params
 
 
+def consistency_step(config: ModelConfig, consistency=None) -> float:
+    """The model's own data-consistency step, or ``consistency`` checked as a model's would be.
+    Not folded into the module: the compiled encoder and decoder do not depend on it."""
+    if consistency is None:
+        return config.consistency
+    try:
+        return config.replace(consistency=consistency).consistency
+    except ValueError as error:
+        raise ArSSRError(str(error)) from None
+
+
 def target_grid(lr_shape, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None):
     """The HR grid from exactly one of scale, shape, voxel_size (with lr_voxel_size) or grid."""
     given = [k for k, v in dict(scale=scale, shape=shape, voxel_size=voxel_size, grid=grid).items() if v is not None]
@@ -218,6 +230,7 @@ def upsample(
     grid=None,
     normalize=True,
     padding=None,
+    consistency=None,
     chunk=None,
     tile=None,
     progress=False,
@@ -233,15 +246,19 @@ def upsample(
     a shipped name, or a ``(module, params)`` pair. ``normalize``: map the input's 0.5th and
     99.5th percentiles to 0 and 1 (:class:`arssr_jax.intensity.Normalisation`, the rule the
     training volumes get) and restore its scale on output (off: intensities are fed as they are).
+    ``consistency``: the fraction of the output's disagreement with the input removed after
+    decoding (:mod:`arssr_jax.consistency`; default: the model's own, 0 for converted weights).
     """
     volume = _checked_input(volume)
     grid = target_grid(volume.shape, scale=scale, shape=shape, voxel_size=voxel_size, lr_voxel_size=lr_voxel_size, grid=grid)
     module, params = resolve_model(model, padding)
+    step = consistency_step(module.config, consistency)
     check_fits_in_memory(volume.shape, grid, module.config)
     norm = Normalisation.of(volume) if normalize else None
     lr = norm.apply(volume) if norm else np.asarray(volume, np.float32)
     features = encode_volume(module, params, lr, tile=tile, progress=progress)
     hr = decode_grid(module, params, features, grid, chunk=chunk, progress=progress)
+    hr = back_project(hr, lr, grid, step)
     hr = norm.undo(hr) if norm else hr
     if not np.all(np.isfinite(hr)):
         bad = int(hr.size - np.count_nonzero(np.isfinite(hr)))
@@ -290,11 +307,13 @@ class Upsampler:
     up.nifti("a.nii.gz", "a_sr.nii.gz", scale=2)   # files, as :func:`upsample_nifti`
     ```
 
-    ``padding``, ``normalize``, ``chunk`` and ``tile`` set defaults that a call may override.
+    ``padding`` and ``consistency`` override the model's own; ``normalize``, ``chunk`` and
+    ``tile`` set defaults that a call may override.
     """
 
-    def __init__(self, model=None, *, padding=None, normalize=True, chunk=None, tile=None):
+    def __init__(self, model=None, *, padding=None, consistency=None, normalize=True, chunk=None, tile=None):
         module, params = resolve_model(model, padding)
+        self.consistency = consistency_step(module.config, consistency)
         # On the device once, not converted again for every call.
         self.module, self.params = module, jax.device_put(params) if params is not None else None
         self.config = module.config
@@ -306,7 +325,7 @@ class Upsampler:
         return self.module, self.params
 
     def _options(self, normalize, chunk, tile):
-        return dict(normalize=self.normalize if normalize is None else normalize,
+        return dict(consistency=self.consistency, normalize=self.normalize if normalize is None else normalize,
                     chunk=self.chunk if chunk is None else chunk, tile=self.tile if tile is None else tile)
 
     def __call__(self, volume, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None,
@@ -334,6 +353,7 @@ def upsample_nifti(
     volume_index=None,
     normalize=True,
     padding=None,
+    consistency=None,
     chunk=None,
     tile=None,
     progress=False,
@@ -361,7 +381,8 @@ def upsample_nifti(
     else:
         grid = grids.grid_for_voxel_size(lr.shape, lr.voxel_size, voxel_size)
     hr = upsample(
-        lr.data, model, grid=grid, normalize=normalize, padding=padding, chunk=chunk, tile=tile, progress=progress
+        lr.data, model, grid=grid, normalize=normalize, padding=padding, consistency=consistency, chunk=chunk,
+        tile=tile, progress=progress
     )
     result = nifti.Volume(hr, grid.affine(lr.affine), lr.header)
     nifti.save(result, out_path, like_header=lr.header)

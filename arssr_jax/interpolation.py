@@ -28,7 +28,6 @@ from arssr_jax.errors import ArSSRError
 TRICUBIC_BOUNDARY_MODE = "reflect"
 
 
-
 def _target_shape(lr_shape, shape=None, scale=None) -> tuple:
     if shape is not None:
         shape = tuple(int(m) for m in shape)
@@ -46,7 +45,13 @@ def _target_shape(lr_shape, shape=None, scale=None) -> tuple:
 def interpolation_matrix(n: int, m: int, order: int = 3, mode: str = TRICUBIC_BOUNDARY_MODE) -> np.ndarray:
     """(m, n) matrix W: the order-``order`` spline interpolant of any n samples, evaluated
     at the m HR voxel centres, is W @ samples (prefilter included; float64)."""
-    positions = centre_positions(m, n)[None]
+    return spline_matrix(n, centre_positions(m, n), order, mode)
+
+
+def spline_matrix(n: int, positions, order: int = 3, mode: str = TRICUBIC_BOUNDARY_MODE) -> np.ndarray:
+    """(len(positions), n) matrix W: the order-``order`` spline interpolant of any n samples,
+    evaluated at ``positions`` (continuous sample indices), is W @ samples (float64)."""
+    positions = np.asarray(positions, np.float64)[None]
     columns = [ndimage.map_coordinates(np.eye(n)[j], positions, order=order, mode=mode, prefilter=order > 1,
                                        output=np.float64) for j in range(n)]
     return np.stack(columns, axis=1)

@@ -45,6 +45,7 @@ SLOW = {
     "test_models.py::test_small_configurations_run_and_compose",
     "test_models.py::test_each_encoder_knows_its_receptive_radius",
     "test_notebook.py::test_notebook_executes_without_errors",
+    "test_consistency.py::test_upsample_applies_the_models_step_and_an_override",
     "test_reference_weights.py::test_outputs_match_the_reference",
     "test_cluster.py::test_two_slurm_tasks_form_one_run",
     "test_parallel.py::test_two_processes_match_one_process",

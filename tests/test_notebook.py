@@ -1,5 +1,6 @@
 """The continuous-decoding notebook runs top to bottom with the shipped default model."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -16,6 +17,9 @@ def test_notebook_executes_without_errors(tmp_path):
         output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
     )
     assert "features (33, 41, 25," in printed
-    assert "ArSSR     PSNR" in printed and "tricubic  PSNR" in printed
+    scores = {m["name"]: (float(m["psnr"]), float(m["ssim"])) for m in re.finditer(
+        r"^(?P<name>\S.*?)\s+PSNR\s+(?P<psnr>[\d.]+) dB\s+SSIM (?P<ssim>[\d.]+)", printed, re.M)}
+    assert set(scores) == {"tricubic", "ArSSR, network only", "ArSSR"}, scores
+    assert scores["ArSSR"][0] > scores["tricubic"][0] and scores["ArSSR"][1] > scores["tricubic"][1], scores
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalize", action="store_true",
                    help="feed ArSSR models the [0, 1] inputs as they are (the reference's released weights); "
                    "by default they normalise their input as arssr-jax upsample does")
+    p.add_argument("--consistency", type=float, default=None, metavar="STEP",
+                   help="override the ArSSR models' data-consistency step, 0 to 1 (default: each model's own)")
     p.add_argument("--figure-volume", type=int, default=0, help="index of the volume shown in the figures (0)")
     p.add_argument("--figure-scale", type=float, default=None, help="scale shown in the figures (largest)")
     p.add_argument("--no-figures", action="store_true")
@@ -121,7 +123,7 @@ def run_evaluation(args) -> list[Path]:
     models = [runners.interpolation_runner("nearest")] if args.nearest else []
     models.append(runners.interpolation_runner("tricubic"))
     models += [runners.baseline_runner(spec, tile=args.tile) for spec in args.baseline]
-    models += [runners.arssr_runner(spec, normalize=not args.no_normalize) for spec in args.arssr]
+    models += [runners.arssr_runner(spec, normalize=not args.no_normalize, consistency=args.consistency) for spec in args.arssr]
     runners.unique_labels(models)
 
     items = [(f, _loader(f)) for f in files]

@@ -33,6 +33,10 @@ def get_config():
             padding="border",
             # Predict a correction to the input's tricubic interpolant, scaled by local contrast.
             residual="tricubic",
+            # After decoding a whole volume, remove half of the output's disagreement with its
+            # input (arssr_jax.consistency); chosen on the training volumes by
+            # eval/consistency_sweep.py, applied by inference only (training never sees it).
+            consistency=0.5,
         ),
         data=DataConfig(
             paths=("data/train",), patch_size=40, lr_size=10, scale_min=2.0, scale_max=4.0,

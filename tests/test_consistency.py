@@ -1,0 +1,148 @@
+"""Data consistency (back-projection): scipy as the independent reference, closed-form
+cases, and the option saved with the model and applied by inference."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from arssr_jax.cli import main
+from arssr_jax.consistency import back_project, is_super_resolution, resample
+from arssr_jax.coords import TargetGrid, grid_along_line, grid_for_region, grid_for_scale, grid_for_shape
+from arssr_jax.errors import ArSSRError
+from arssr_jax.evaluation.simulate import simulate_lr
+from arssr_jax.inference import Upsampler, upsample
+from arssr_jax.interpolation import tricubic
+from arssr_jax.models import ModelConfig, build_model
+from arssr_jax.weights import load_model, save_model
+
+from tiny_model import TINY, tiny_model  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
+
+def smooth_volume(shape, seed=0):
+    noise = np.random.default_rng(seed).random(shape)
+    return ndimage.gaussian_filter(noise, 1.5).astype(np.float32) * 4
+
+
+def sampled_at_lr_centres(sr, lr_shape):
+    """The training degradation of ``sr`` (the evaluation's simulate_lr)."""
+    return simulate_lr(sr, [m / n for m, n in zip(sr.shape, lr_shape)])
+
+
+def test_resampling_is_the_training_degradation_and_tricubic():
+    hr = smooth_volume((20, 17, 24))
+    lr_shape = (8, 7, 11)
+    grid = grid_for_shape(lr_shape, hr.shape)
+    _, down = resample(hr, np.linalg.inv(grid.index_map), lr_shape)
+    np.testing.assert_allclose(down, simulate_lr(hr, [m / n for m, n in zip(hr.shape, lr_shape)]), atol=2e-5)
+    lr = smooth_volume(lr_shape, seed=1)
+    _, up = resample(lr, grid.index_map, hr.shape)
+    np.testing.assert_allclose(up, tricubic(lr, shape=hr.shape), atol=2e-5)
+
+
+def test_oblique_resampling_equals_scipy_and_the_separable_path():
+    volume = smooth_volume((9, 10, 11))
+    swap = np.eye(4)[[1, 0, 2, 3]]  # target (i, j, k) -> source (j, i, k): not diagonal
+    swap[:3, 3] = [0.25, -0.5, 0.0]
+    seen, out = resample(volume, swap, (12, 9, 11))
+    index = np.indices((12, 9, 11)).reshape(3, -1).astype(np.float64)
+    points = swap[:3, :3] @ index + swap[:3, 3:]
+    expected = ndimage.map_coordinates(volume.astype(np.float64), points, order=3, mode="reflect")
+    np.testing.assert_allclose(out.ravel(), expected, atol=1e-5)
+    # the same map written diagonally on the transposed volume takes the separable path
+    diagonal = np.eye(4)
+    diagonal[:3, 3] = [-0.5, 0.25, 0.0]
+    _, separable = resample(volume.transpose(1, 0, 2), diagonal, (12, 9, 11))
+    np.testing.assert_allclose(out, separable, atol=1e-5)
+    assert seen[:11].all() and not seen[11:].any()  # target row i is source index i - 0.5 on an axis of 10
+
+
+def test_step_zero_leaves_the_output_as_it_is():
+    sr, lr = smooth_volume((16, 16, 16)), smooth_volume((8, 8, 8), seed=1)
+    assert np.array_equal(back_project(sr, lr, grid_for_scale(lr.shape, 2), 0.0), sr)
+
+
+def test_a_consistent_output_is_not_changed():
+    # At x3 every LR centre is an HR centre and the tricubic interpolant passes through the samples.
+    lr = smooth_volume((7, 8, 6))
+    sr = tricubic(lr, scale=3)
+    np.testing.assert_allclose(sampled_at_lr_centres(sr, lr.shape), lr, atol=1e-5)
+    np.testing.assert_allclose(back_project(sr, lr, grid_for_scale(lr.shape, 3), 1.0), sr, atol=1e-5)
+
+
+@pytest.mark.parametrize("step", [0.5, 1.0])
+def test_each_step_removes_that_fraction_of_the_disagreement(step):
+    hr = smooth_volume((24, 20, 28))
+    lr = sampled_at_lr_centres(hr, (10, 8, 11))
+    wrong = hr + 0.3 * smooth_volume(hr.shape, seed=2)  # a network's output with low-frequency errors
+    before = np.abs(sampled_at_lr_centres(wrong, lr.shape) - lr).mean()
+    fixed = back_project(wrong, lr, grid_for_shape(lr.shape, hr.shape), step)
+    after = np.abs(sampled_at_lr_centres(fixed, lr.shape) - lr).mean()
+    assert after == pytest.approx((1 - step) * before, abs=0.1 * before)
+    assert np.abs(fixed - hr).mean() < np.abs(wrong - hr).mean()  # closer to the truth, too
+
+
+def test_input_outside_a_region_grid_is_not_compared():
+    lr = smooth_volume((12, 12, 12))
+    grid = grid_for_region((3, 4, 2), (9, 10, 8), 2)
+    sr = tricubic(lr, scale=2)[6:18, 8:20, 4:16] + 0.1
+    other = lr.copy()
+    other[:2], other[10:], other[:, :3] = 5.0, -5.0, 7.0  # LR voxels whose centres the region does not contain
+    np.testing.assert_array_equal(back_project(sr, lr, grid, 1.0), back_project(sr, other, grid, 1.0))
+    assert not np.allclose(back_project(sr, lr, grid, 1.0), sr)
+
+
+def test_line_profiles_and_downsampling_are_returned_as_decoded():
+    lr = smooth_volume((8, 8, 8))
+    line = grid_along_line((0, 0, 0), (7, 7, 7), 30)
+    assert not is_super_resolution(line) and not is_super_resolution(grid_for_scale(lr.shape, 0.5))
+    assert is_super_resolution(grid_for_scale(lr.shape, (2, 1, 3.5)))
+    profile = smooth_volume(line.shape)
+    assert np.array_equal(back_project(profile, lr, line, 1.0), profile)
+    rotated = TargetGrid((8, 8, 8), np.eye(4)[[1, 2, 0, 3]])
+    assert is_super_resolution(rotated)
+
+
+# ------------------------------------------------------------------ saved with the model, applied by inference
+
+
+def test_upsample_applies_the_models_step_and_an_override(tmp_path):
+    module, params = tiny_model()
+    lr = smooth_volume((9, 8, 10)) / 4
+    raw = upsample(lr, (module, params), scale=2, normalize=False)
+    grid = grid_for_scale(lr.shape, 2)
+    save_model(tmp_path / "m", TINY.replace(consistency=0.5), params)
+    loaded, _, _ = load_model(tmp_path / "m")
+    assert loaded.config.consistency == 0.5
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["consistency"] == 0.5
+    np.testing.assert_allclose(upsample(lr, tmp_path / "m", scale=2, normalize=False),
+                               back_project(raw, lr, grid, 0.5), atol=1e-6)
+    np.testing.assert_array_equal(upsample(lr, tmp_path / "m", scale=2, normalize=False, consistency=0.0), raw)
+    np.testing.assert_array_equal(Upsampler(tmp_path / "m", consistency=0.0, normalize=False)(lr, scale=2), raw)
+
+
+def test_shipped_model_has_the_step_and_converted_models_have_none():
+    assert load_model("default")[0].config.consistency == 0.5
+    assert ModelConfig().consistency == 0.0  # converted reference weights: the paper's output
+    assert ModelConfig.from_dict({"encoder": "RDN"}).consistency == 0.0  # config.json written before the option
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "half"])
+def test_a_bad_step_is_refused(bad):
+    with pytest.raises(ValueError, match="consistency"):
+        build_model(TINY.replace(consistency=bad))
+    with pytest.raises(ArSSRError, match="consistency"):
+        upsample(smooth_volume((6, 6, 6)), tiny_model(), scale=2, consistency=bad)
+
+
+def test_cli_refuses_a_bad_step_before_writing(tmp_path, capsys):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(smooth_volume((8, 8, 8)), np.eye(4)), tmp_path / "lr.nii.gz")
+    out = tmp_path / "sr.nii.gz"
+    assert main(["upsample", str(tmp_path / "lr.nii.gz"), str(out), "--scale", "2", "--consistency", "2",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "consistency must be a number from 0 to 1" in err and "\n" not in err
+    assert not out.exists()
