@@ -29,6 +29,9 @@ from arssr_jax.coords import TargetGrid
 from arssr_jax.interpolation import TRICUBIC_BOUNDARY_MODE, spline_matrix
 
 SLAB_VOXELS = 1 << 21  # oblique grids: HR voxels resampled per map_coordinates call
+# Output-sized float32 arrays alive at once while a step runs: the decoded grid, the correction
+# and the intermediate of the last separable pass (inference checks free memory for them).
+OUTPUT_COPIES = 3
 
 
 def back_project(sr: np.ndarray, lr: np.ndarray, grid: TargetGrid, step: float) -> np.ndarray:
@@ -41,7 +44,9 @@ def back_project(sr: np.ndarray, lr: np.ndarray, grid: TargetGrid, step: float) 
     seen, resampled = resample(sr, lr_in_hr, lr.shape)
     residual = np.where(seen, lr - resampled, np.float32(0))
     _, correction = resample(residual, grid.index_map, sr.shape)
-    return sr + np.float32(step) * correction
+    correction *= np.float32(step)  # in place: large grids hold no third copy
+    correction += sr
+    return correction
 
 
 def is_super_resolution(grid: TargetGrid) -> bool:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arssr_jax import coords as grids
-from arssr_jax.consistency import back_project
+from arssr_jax.consistency import OUTPUT_COPIES, back_project, is_super_resolution
 from arssr_jax.errors import ArSSRError
 from arssr_jax.intensity import Normalisation
 from arssr_jax.models import (
@@ -203,14 +203,16 @@ def target_grid(lr_shape, *, scale=None, shape=None, voxel_size=None, lr_voxel_s
 MAX_OUTPUT_VOXELS = 2**31 - 1
 
 
-def check_fits_in_memory(lr_shape, grid: grids.TargetGrid, config: ModelConfig, what="the output") -> None:
-    """Refuse before allocating when the output, the feature map and a tile would not fit."""
+def check_fits_in_memory(lr_shape, grid: grids.TargetGrid, config: ModelConfig, what="the output",
+                         output_copies: int = 1) -> None:
+    """Refuse before allocating when the output (``output_copies`` arrays of it), the feature map
+    and a tile would not fit."""
     if grid.num_voxels > MAX_OUTPUT_VOXELS:
         raise ArSSRError(
             f"{what} would have {grid.num_voxels:,} voxels ({'x'.join(map(str, grid.shape))}); "
             "that is more than one volume can hold: use a smaller scale or a larger voxel size"
         )
-    needed = BYTES * (grid.num_voxels + 2 * math.prod(lr_shape) * config.encoded_channels)
+    needed = BYTES * (output_copies * grid.num_voxels + 2 * math.prod(lr_shape) * config.encoded_channels)
     available = available_memory_bytes()
     if needed > 0.8 * available:
         raise ArSSRError(
@@ -253,7 +255,8 @@ def upsample(
     grid = target_grid(volume.shape, scale=scale, shape=shape, voxel_size=voxel_size, lr_voxel_size=lr_voxel_size, grid=grid)
     module, params = resolve_model(model, padding)
     step = consistency_step(module.config, consistency)
-    check_fits_in_memory(volume.shape, grid, module.config)
+    copies = OUTPUT_COPIES if step and is_super_resolution(grid) else 1
+    check_fits_in_memory(volume.shape, grid, module.config, output_copies=copies)
     norm = Normalisation.of(volume) if normalize else None
     lr = norm.apply(volume) if norm else np.asarray(volume, np.float32)
     features = encode_volume(module, params, lr, tile=tile, progress=progress)

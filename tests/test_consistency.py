@@ -128,6 +128,18 @@ def test_shipped_model_has_the_step_and_converted_models_have_none():
     assert ModelConfig.from_dict({"encoder": "RDN"}).consistency == 0.0  # config.json written before the option
 
 
+def test_free_memory_is_checked_for_the_steps_arrays_too(monkeypatch):
+    from arssr_jax import inference
+
+    lr, grid = smooth_volume((8, 8, 8)), grid_for_scale((8, 8, 8), 2)
+    # 80 kB free: the 16^3 output and the 8^3 x 8 feature map fit (49 kB), with the step's two
+    # more output-sized arrays (82 kB) they do not
+    monkeypatch.setattr(inference, "available_memory_bytes", lambda: 80_000)
+    inference.check_fits_in_memory(lr.shape, grid, TINY)
+    with pytest.raises(ArSSRError, match="free"):
+        upsample(lr, tiny_model(), scale=2, consistency=0.5)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "half"])
 def test_a_bad_step_is_refused(bad):
     with pytest.raises(ValueError, match="consistency"):
