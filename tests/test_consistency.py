@@ -76,9 +76,9 @@ def test_each_step_removes_that_fraction_of_the_disagreement(step):
     hr = smooth_volume((24, 20, 28))
     lr = sampled_at_lr_centres(hr, (10, 8, 11))
     wrong = hr + 0.3 * smooth_volume(hr.shape, seed=2)  # a network's output with low-frequency errors
-    before = np.abs(sampled_at_lr_centres(wrong, lr.shape) - lr).mean()
+    before = float(np.abs(sampled_at_lr_centres(wrong, lr.shape) - lr).mean())
     fixed = back_project(wrong, lr, grid_for_shape(lr.shape, hr.shape), step)
-    after = np.abs(sampled_at_lr_centres(fixed, lr.shape) - lr).mean()
+    after = float(np.abs(sampled_at_lr_centres(fixed, lr.shape) - lr).mean())
     assert after == pytest.approx((1 - step) * before, abs=0.1 * before)
     assert np.abs(fixed - hr).mean() < np.abs(wrong - hr).mean()  # closer to the truth, too
 

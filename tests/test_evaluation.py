@@ -197,6 +197,22 @@ def test_tables_show_mean_and_std_over_volumes():
     assert "| ×2 | tricubic | 31.00 ± 1.41 | 0.8500 ± 0.0707 |" in tables.markdown(results)
 
 
+def test_antialias_scores_an_lr_blurred_before_sampling(tmp_path, capsys):
+    hr = normalised_anatomical()[:, :, :16]
+    nibabel.save(nibabel.Nifti1Image(hr, np.eye(4)), tmp_path / "hr.nii.gz")
+    out = tmp_path / "aa"
+    assert main([str(tmp_path / "hr.nii.gz"), "--out", str(out), "--scales", "3", "--metrics", "psnr", "--antialias",
+                 "--no-figures", "--quiet"]) == 0
+    assert "HR blurred before sampling" in (out / "results.md").read_text()
+    score = float(read_csv(out / "results.csv")[0]["psnr"])
+    blurred = interp.tricubic(simulate_lr(hr, 3.0, antialias=True), shape=hr.shape)
+    assert score == pytest.approx(psnr(blurred, hr), rel=1e-5)
+    assert score != pytest.approx(psnr(interp.tricubic(simulate_lr(hr, 3.0), shape=hr.shape), hr), rel=1e-3)
+    assert main([str(tmp_path / "hr.nii.gz"), "--out", str(out), "--antialias", "--degradation", "reference",
+                 "--quiet"]) == 2
+    assert "--antialias" in capsys.readouterr().err
+
+
 def test_heldout_options_head_bands_clip_and_one_table_per_volume(tmp_path):
     """The model card's protocol: --clip-lr, --by-volume, psnr_head/ssim_head and bands, ArSSR as a user runs it."""
     data = normalised_anatomical()

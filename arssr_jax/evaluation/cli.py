@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(real scans: psi,lpc_si only)")
     p.add_argument("--clip-lr", action="store_true",
                    help="clip the simulated LR at 0, as a magnitude image is")
+    p.add_argument("--antialias", action="store_true",
+                   help="blur the HR (Gaussian, sigma = (s - 1) / 2 HR voxels) before sampling it: an LR that averages "
+                   "over its voxel as an acquisition does, unlike the point sampling the models train on")
     p.add_argument("--by-volume", action="store_true",
                    help="one table per HR volume in results.md (e.g. one per held-out source)")
     p.add_argument("--no-normalize", action="store_true",
@@ -113,6 +116,8 @@ def run_evaluation(args) -> list[Path]:
     default = (2.0, 3.0, 4.0) if real else protocol.PAPER_SCALES
     scales = protocol.check_scales(_scales(args.scales) if args.scales else default)
     metrics = protocol.check_metrics(args.metrics.split(","), real=real)
+    if args.antialias and args.degradation != "centred":
+        raise ArSSRError("--antialias blurs before the centred degradation; drop --degradation reference or --antialias")
     if args.tile < 8:
         raise ArSSRError(f"--tile {args.tile} is too small; use 32 or more")
     files = find_volume_files(args.real if real else args.hr)
@@ -132,7 +137,7 @@ def run_evaluation(args) -> list[Path]:
         results = protocol.evaluate_real(items, models, scales, **common)
     else:
         results = protocol.evaluate_simulated(items, models, scales, degradation=args.degradation,
-                                              clip_lr=args.clip_lr, **common)
+                                              clip_lr=args.clip_lr, antialias=args.antialias, **common)
     written = tables.write_tables(results, out, by_volume=args.by_volume)
     if not args.no_figures and results.figure is not None:
         written += figures.write_figures(results.figure, out)

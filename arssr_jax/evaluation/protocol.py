@@ -188,9 +188,10 @@ def _check_fixed_scales(runners, scales) -> None:
 def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[Runner], scales,
                        *, degradation: str = "centred", metrics=METRICS, figure_volume: int = 0,
                        figure_scale: Optional[float] = None, quiet: bool = False,
-                       clip_lr: bool = False) -> Results:
+                       clip_lr: bool = False, antialias: bool = False) -> Results:
     """``volumes``: (name, HR array normalised to [0, 1], or a function loading it) pairs.
 
+    ``antialias``: Gaussian pre-blur before the degradation (an LR averaging over its voxel).
     ``clip_lr``: clip the simulated LR at 0, as a magnitude image is (the spline's
     undershoot next to a dark background is otherwise negative).
     """
@@ -212,7 +213,7 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
                 records.append(dict(volume=name, scale=None, model=GROUND_TRUTH, kind="ground truth", **nr))
             for s in scales:
                 bar.set_postfix_str(f"{_short(name)} x{s:g}")
-                lr = simulate_lr(hr, s, degradation)
+                lr = simulate_lr(hr, s, degradation, antialias=antialias)
                 if clip_lr:
                     lr = np.maximum(lr, 0.0)
                 keep = v == figure_volume and math.isclose(s, fig_scale)
@@ -230,7 +231,8 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
                 bar.update(1)
     finally:
         bar.close()
-    notes = ["LR clipped at 0 (a magnitude image)"] if clip_lr else []
+    notes = ["HR blurred before sampling (anti-aliased LR)"] if antialias else []
+    notes += ["LR clipped at 0 (a magnitude image)"] if clip_lr else []
     return Results(records, _model_order(runners), scales, metrics, "simulated", degradation, figure, notes)
 
 
