@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from arssr_jax.coords import TargetGrid
-from arssr_jax.interpolation import TRICUBIC_BOUNDARY_MODE, spline_matrix
+from arssr_jax.interpolation import TRICUBIC_BOUNDARY_MODE, resample_axes
 
 SLAB_VOXELS = 1 << 21  # oblique grids: HR voxels resampled per map_coordinates call
 # Output-sized float32 arrays alive at once while a step runs: the decoded grid, the correction
@@ -41,9 +41,9 @@ def back_project(sr: np.ndarray, lr: np.ndarray, grid: TargetGrid, step: float) 
         return sr
     lr = np.asarray(lr, np.float32)
     lr_in_hr = np.linalg.inv(grid.index_map)  # LR voxel index -> continuous HR voxel index
-    seen, resampled = resample(sr, lr_in_hr, lr.shape)
-    residual = np.where(seen, lr - resampled, np.float32(0))
-    _, correction = resample(residual, grid.index_map, sr.shape)
+    seen = points_inside(lr_in_hr, lr.shape, sr.shape)
+    residual = np.where(seen, lr - resample(sr, lr_in_hr, lr.shape), np.float32(0))
+    correction = resample(residual, grid.index_map, sr.shape)
     correction *= np.float32(step)  # in place: large grids hold no third copy
     correction += sr
     return correction
@@ -55,47 +55,41 @@ def is_super_resolution(grid: TargetGrid) -> bool:
     return bool(abs(np.linalg.det(linear)) > 0 and np.all(np.linalg.norm(linear, axis=0) <= 1 + 1e-9))
 
 
-def resample(volume: np.ndarray, index_map: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+def _points(index_map, shape, start=0, stop=None) -> np.ndarray:
+    """(3, N) continuous indices that ``index_map`` gives voxels ``start:stop`` (along axis 0) of ``shape``."""
+    stop = shape[0] if stop is None else stop
+    index = np.indices((stop - start, *shape[1:]), np.float64).reshape(3, -1)
+    index[0] += start
+    return index_map[:3, :3] @ index + index_map[:3, 3:]
+
+
+def points_inside(index_map, shape, extent) -> np.ndarray:
+    """Which voxels of ``shape``, placed by ``index_map``, lie within a volume of ``extent``
+    voxels (within half a voxel of its outer centres)."""
+    points = _points(np.asarray(index_map, np.float64), tuple(shape))
+    inside = np.all([(points[a] >= -0.5) & (points[a] <= extent[a] - 0.5) for a in range(3)], axis=0)
+    return inside.reshape(tuple(shape))
+
+
+def resample(volume: np.ndarray, index_map: np.ndarray, shape) -> np.ndarray:
     """The cubic spline of ``volume`` (half-sample symmetric boundaries) at every voxel of
-    ``shape``, placed in ``volume``'s continuous voxel indices by ``index_map``; and which of
-    those points lie inside ``volume``'s extent (within half a voxel of its outer centres)."""
+    ``shape``, placed in ``volume``'s continuous voxel indices by ``index_map`` (float32)."""
     index_map = np.asarray(index_map, np.float64)
     linear = index_map[:3, :3]
-    if np.all(linear == np.diag(np.diag(linear))):
-        return _resample_separable(volume, index_map, shape)
-    return _resample_oblique(volume, index_map, shape)
-
-
-def _inside(positions, n) -> np.ndarray:
-    return (positions >= -0.5) & (positions <= n - 0.5)
-
-
-def _resample_separable(volume, index_map, shape):
-    """Axis-aligned maps: one 1D spline matrix per axis (exact, and cheap on large grids)."""
-    data, seen = np.asarray(volume, np.float32), np.ones(tuple(shape), bool)
-    for axis, m in enumerate(shape):
-        positions = index_map[axis, axis] * np.arange(m) + index_map[axis, 3]
-        weights = spline_matrix(volume.shape[axis], positions).astype(np.float32)
-        data = np.moveaxis(np.tensordot(weights, data, axes=(1, axis)), 0, axis)
-        outside = ~_inside(positions, volume.shape[axis])
-        seen[(slice(None),) * axis + (outside,)] = False
-    return seen, data
+    if np.all(linear == np.diag(np.diag(linear))):  # axis-aligned: separable, cheap on large grids
+        positions = [linear[a, a] * np.arange(m) + index_map[a, 3] for a, m in enumerate(shape)]
+        return resample_axes(volume, positions, dtype=np.float32)
+    return _resample_oblique(volume, index_map, tuple(shape))
 
 
 def _resample_oblique(volume, index_map, shape):
     """Rotated or sheared maps: ``map_coordinates`` over slabs of the target grid."""
     coefficients = ndimage.spline_filter(np.asarray(volume, np.float64), order=3, mode=TRICUBIC_BOUNDARY_MODE)
-    out, seen = np.empty(tuple(shape), np.float32), np.empty(tuple(shape), bool)
-    plane = int(np.prod(shape[1:]))
-    rows = max(1, SLAB_VOXELS // max(plane, 1))
+    out = np.empty(shape, np.float32)
+    rows = max(1, SLAB_VOXELS // max(int(np.prod(shape[1:])), 1))
     for start in range(0, shape[0], rows):
         stop = min(shape[0], start + rows)
-        index = np.indices((stop - start, *shape[1:]), np.float64).reshape(3, -1)
-        index[0] += start
-        points = index_map[:3, :3] @ index + index_map[:3, 3:]
-        values = ndimage.map_coordinates(coefficients, points, order=3, mode=TRICUBIC_BOUNDARY_MODE,
-                                         prefilter=False, output=np.float64)
-        inside = np.all([_inside(points[a], volume.shape[a]) for a in range(3)], axis=0)
+        values = ndimage.map_coordinates(coefficients, _points(index_map, shape, start, stop), order=3,
+                                         mode=TRICUBIC_BOUNDARY_MODE, prefilter=False, output=np.float64)
         out[start:stop] = values.reshape(stop - start, *shape[1:])
-        seen[start:stop] = inside.reshape(stop - start, *shape[1:])
-    return seen, out
+    return out

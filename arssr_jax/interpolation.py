@@ -42,12 +42,6 @@ def _target_shape(lr_shape, shape=None, scale=None) -> tuple:
     return tuple(max(1, int(np.floor(n * s + 1e-9))) for n, s in zip(lr_shape, scales))
 
 
-def interpolation_matrix(n: int, m: int, order: int = 3, mode: str = TRICUBIC_BOUNDARY_MODE) -> np.ndarray:
-    """(m, n) matrix W: the order-``order`` spline interpolant of any n samples, evaluated
-    at the m HR voxel centres, is W @ samples (prefilter included; float64)."""
-    return spline_matrix(n, centre_positions(m, n), order, mode)
-
-
 def spline_matrix(n: int, positions, order: int = 3, mode: str = TRICUBIC_BOUNDARY_MODE) -> np.ndarray:
     """(len(positions), n) matrix W: the order-``order`` spline interpolant of any n samples,
     evaluated at ``positions`` (continuous sample indices), is W @ samples (float64)."""
@@ -57,18 +51,26 @@ def spline_matrix(n: int, positions, order: int = 3, mode: str = TRICUBIC_BOUNDA
     return np.stack(columns, axis=1)
 
 
+def resample_axes(volume, positions, order: int = 3, mode: str = TRICUBIC_BOUNDARY_MODE, dtype=np.float64):
+    """The order-``order`` spline of ``volume`` at the Cartesian product of ``positions`` (one
+    array of continuous voxel indices per axis), computed in ``dtype``.
+
+    A tensor-product spline is separable: one 1D matrix per axis (identical to
+    map_coordinates over the 3D grid, and much cheaper)."""
+    data = np.asarray(volume, dtype)
+    for axis, axis_positions in enumerate(positions):
+        weights = spline_matrix(data.shape[axis], axis_positions, order, mode).astype(dtype)
+        data = np.moveaxis(np.tensordot(weights, data, axes=(1, axis)), 0, axis)
+    return data
+
+
 def _interpolate(lr, order: int, shape=None, scale=None, mode: str = TRICUBIC_BOUNDARY_MODE) -> np.ndarray:
     lr = np.asarray(lr)
     if lr.ndim != 3:
         raise ArSSRError(f"interpolation needs a 3D volume, got shape {lr.shape}")
     shape = _target_shape(lr.shape, shape, scale)
-    data = lr.astype(np.float64)
-    # A tensor-product spline is separable: apply one 1D interpolation matrix per axis
-    # (identical to map_coordinates over the 3D grid, and much cheaper).
-    for axis, (n, m) in enumerate(zip(lr.shape, shape)):
-        weights = interpolation_matrix(n, m, order, mode)
-        data = np.moveaxis(np.tensordot(weights, data, axes=(1, axis)), 0, axis)
-    return data.astype(np.float32)
+    positions = [centre_positions(m, n) for n, m in zip(lr.shape, shape)]
+    return resample_axes(lr, positions, order, mode).astype(np.float32)
 
 
 def tricubic(lr, shape=None, scale=None, mode: str = TRICUBIC_BOUNDARY_MODE) -> np.ndarray:

@@ -20,9 +20,9 @@ import numpy as np
 from arssr_jax import metrics
 from arssr_jax.consistency import back_project
 from arssr_jax.coords import grid_for_shape
+from arssr_jax.evaluation.cli import load_min_max
 from arssr_jax.evaluation.simulate import simulate_lr
 from arssr_jax.inference import upsample
-from arssr_jax.nifti import load
 from arssr_jax.weights import load_model
 
 
@@ -35,12 +35,6 @@ def sweep(hr, model, steps, scales) -> np.ndarray:
         sr = upsample(lr, model, grid=grid, consistency=0.0)
         rows.append([metrics.psnr(back_project(sr, lr, grid, step), hr) for step in steps])
     return np.asarray(rows)
-
-
-def min_max(path) -> np.ndarray:
-    """The volume scaled to [0, 1], as the evaluation scores it."""
-    data = np.asarray(load(path).data, np.float64)
-    return ((data - data.min()) / (data.max() - data.min())).astype(np.float32)
 
 
 def middle_slab(volume, slices: int):
@@ -61,7 +55,7 @@ def main(argv=None) -> int:
     print(header + "\n" + "|---" * (2 + len(args.steps)) + "|")
     tables = []
     for path in args.volumes:
-        hr = middle_slab(min_max(path), args.max_slices)
+        hr = middle_slab(load_min_max(path), args.max_slices)
         table = sweep(hr, (module, params), args.steps, args.scales)
         tables.append(table)
         for scale, row in zip(args.scales, table):

@@ -15,6 +15,7 @@ User errors print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -89,21 +90,17 @@ def _out_dir(path) -> Path:
     return out
 
 
-def _loader(path):
+def load_min_max(path):
     """The volume min-max normalised to [0, 1] (the paper's convention for scoring)."""
+    import numpy as np
 
-    def load():
-        import numpy as np
+    from arssr_jax.nifti import load as load_nifti
 
-        from arssr_jax.nifti import load as load_nifti
-
-        data = np.asarray(load_nifti(path).data, np.float64)
-        low, high = data.min(), data.max()
-        if not high > low:
-            raise ArSSRError(f"{path} is constant; it cannot be scored")
-        return ((data - low) / (high - low)).astype(np.float32)
-
-    return load
+    data = np.asarray(load_nifti(path).data, np.float64)
+    low, high = data.min(), data.max()
+    if not high > low:
+        raise ArSSRError(f"{path} is constant; it cannot be scored")
+    return ((data - low) / (high - low)).astype(np.float32)
 
 
 def run_evaluation(args) -> list[Path]:
@@ -131,7 +128,7 @@ def run_evaluation(args) -> list[Path]:
     models += [runners.arssr_runner(spec, normalize=not args.no_normalize, consistency=args.consistency) for spec in args.arssr]
     runners.unique_labels(models)
 
-    items = [(f, _loader(f)) for f in files]
+    items = [(f, functools.partial(load_min_max, f)) for f in files]  # each loaded at its turn
     common = dict(metrics=metrics, figure_volume=args.figure_volume, figure_scale=args.figure_scale, quiet=args.quiet)
     if real:
         results = protocol.evaluate_real(items, models, scales, **common)
