@@ -1,6 +1,7 @@
 """Evaluation: LR simulation, the evaluate.py CLI end to end (simulated and real-scan), tables."""
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -122,6 +123,7 @@ def test_simulated_tables_have_the_paper_layout(simulated):
     direct = psnr(interp.tricubic(simulate_lr(hr, 2.0), shape=hr.shape), hr)
     assert float(rows[1]["psnr"]) == pytest.approx(direct, abs=1e-6)
 
+    assert "| anatomical.nii | ×3 | tiny |" in (simulated / "versus_tricubic.md").read_text()
     md = (simulated / "results.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ×")]
     assert len(table) == 5 and table[0].startswith("| ×2 | tricubic |")
@@ -154,6 +156,7 @@ def test_real_scan_mode_reports_only_no_reference_metrics(models, tmp_path):
     md = (out / "results.md").read_text()
     assert "PSNR" not in md and "no-reference" in md
     assert (out / "slices_x2.png").exists() and not (out / "errors_x2.png").exists()
+    assert not (out / "versus_tricubic.md").exists()  # no ground truth: nothing to be faithful to
 
 
 # ------------------------------------------------------------------ user errors
@@ -195,6 +198,30 @@ def test_tables_show_mean_and_std_over_volumes():
     rows = tables.aggregate(results)
     assert rows[0]["psnr"] == 31.0 and rows[0]["psnr_std"] == pytest.approx(np.sqrt(2.0))
     assert "| ×2 | tricubic | 31.00 ± 1.41 | 0.8500 ± 0.0707 |" in tables.markdown(results)
+
+
+def test_versus_tricubic_counts_each_comparison_against_tricubic_on_the_same_volume_and_scale():
+    nan = float("nan")
+    bands = lambda *v: {f"mae_band_{k}": x for k, x in enumerate(v)}  # noqa: E731
+    records = [
+        dict(volume="d/a.nii", scale=2.0, model="tricubic", kind="interpolation", psnr=30.0, ssim=0.90, **bands(0.010, 0.020)),
+        dict(volume="d/a.nii", scale=2.0, model="M", kind="arssr", psnr=31.0, ssim=0.89, **bands(0.011, 0.010)),
+        dict(volume="d/b.nii", scale=2.0, model="tricubic", kind="interpolation", psnr=20.0, ssim=0.50, **bands(0.010, nan)),
+        dict(volume="d/b.nii", scale=2.0, model="M", kind="arssr", psnr=nan, ssim=0.50, **bands(0.012, 0.001)),
+    ]
+    results = protocol.Results(records, ["tricubic", "M"], [2.0], ("psnr", "ssim", "bands"), "simulated", "centred")
+    a, b = tables.versus_tricubic(results)
+    # a: PSNR +1 met, SSIM -0.01 missed, worst band 0.011 / 0.010 = 1.10 met (the target is inclusive)
+    assert (a["psnr"], a["ssim"], a["worst_band"]) == pytest.approx((1.0, -0.01, 1.1))
+    assert (a["wins"], a["checks"]) == (2, 3)
+    # b: PSNR not scored (not counted), SSIM equal (met), band 1 not scored by tricubic, band 0 1.2 (missed)
+    assert math.isnan(b["psnr"]) and b["worst_band"] == pytest.approx(1.2) and (b["wins"], b["checks"]) == (1, 2)
+    md = tables.versus_tricubic_markdown(results)
+    assert "| a.nii | ×2 | M | +1.00 | -0.0100 | 1.100 | 2 of 3 |" in md
+    assert "| b.nii | ×2 | M | n/a | +0.0000 | 1.200 | 1 of 2 |" in md
+    assert "M: 3 of 5 met (2 volume-scale pairs)." in md
+    assert tables.versus_tricubic_markdown(protocol.Results(records[:1], ["tricubic"], [2.0], ("psnr",),
+                                                            "simulated", "centred")) == ""
 
 
 def test_antialias_scores_an_lr_blurred_before_sampling(tmp_path, capsys):
@@ -240,3 +267,12 @@ def test_heldout_options_head_bands_clip_and_one_table_per_volume(tmp_path):
     factors = ssim_factors(sr, hr)
     for name in ("luminance", "contrast", "structure"):
         assert float(cubic[f"ssim_{name}"]) == pytest.approx(factors[name], rel=1e-5)
+    # versus_tricubic.md: the model card's checks, from the same records
+    versus = (out / "versus_tricubic.md").read_text()
+    for volume in ("first", "second"):
+        own = {r["model"]: r for r in rows if r["volume"].endswith(f"{volume}.nii.gz") and r["scale"] == "2"}
+        beaten = [float(own["ArSSR"][m]) >= float(own["tricubic"][m]) for m in ("psnr", "psnr_head", "ssim_head")]
+        worst = max(float(own["ArSSR"][k]) / float(own["tricubic"][k]) for k in own["ArSSR"]
+                    if k.startswith("mae_band_") and own["ArSSR"][k] and own["tricubic"][k])
+        line = [x for x in versus.splitlines() if x.startswith(f"| {volume}.nii.gz | ×2 | ArSSR |")]
+        assert len(line) == 1 and line[0].endswith(f"| {worst:.3f} | {sum(beaten) + (worst <= 1.10)} of 4 |")

@@ -140,6 +140,9 @@ def run_evaluation(args) -> list[Path]:
         written += figures.write_figures(results.figure, out)
     if not args.quiet:
         print(tables.markdown_by_volume(results) if args.by_volume else tables.markdown(results), end="")
+        totals = tables.versus_tricubic_totals(tables.versus_tricubic(results))
+        if totals:
+            print("\nAgainst tricubic (versus_tricubic.md): " + " ".join(totals))
         print(f"wrote {', '.join(str(p) for p in written)}")
     return written
 

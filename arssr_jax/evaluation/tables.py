@@ -8,7 +8,12 @@ Outputs (all written atomically):
 * ``results.csv``: one row per (scale, model): ``scale, model, kind, n_volumes`` then
   ``<metric>, <metric>_std`` for every metric (Dice: the mean ``dice`` and each class
   ``dice_csf``, ``dice_gm``, ``dice_wm``); the ground-truth row has an empty scale;
-* ``results_per_volume.csv``: the unaggregated records, one row per (volume, scale, model).
+* ``results_per_volume.csv``: the unaggregated records, one row per (volume, scale, model);
+* ``versus_tricubic.md`` (simulated mode, when a model is scored beside tricubic): per
+  volume and scale, each model's difference from tricubic in every fidelity and sharpness
+  metric scored (PSNR, SSIM, whole and head, LPC-SI; positive = better) and its worst
+  intensity band's error ratio, with the count of comparisons it wins (a metric at least
+  tricubic's; the worst band at most :data:`WORST_BAND_TARGET`): the targets of the model card.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ HEADINGS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_head": "PSNR head (dB)", 
             "ssim_contrast": "SSIM contrast", "ssim_structure": "SSIM structure"}
 DIGITS = {"psnr": 2, "psnr_head": 2}
 DEFAULT_DIGITS = 4
+# Compared with tricubic in versus_tricubic.md (higher is better for each). PSI is left out: it
+# rewards the narrowest edges, and tricubic's overshoot scores as narrow; Dice is a segmentation's.
+VERSUS_METRICS = ("psnr", "psnr_head", "ssim", "ssim_head", "lpc_si")
+WORST_BAND_TARGET = 1.10  # a model's band error may exceed tricubic's by at most 10 %
 
 
 def _columns_of(metric: str) -> tuple:
@@ -121,11 +130,83 @@ def band_markdown(results: Results, rows) -> str:
         if r["model"] == GROUND_TRUTH:
             continue
         cells = ["n/a" if math.isnan(r[c]) else f"{1000 * r[c]:.2f}" for c in bands]
-        base = tricubic.get(r["scale"])
-        ratios = [r[c] / base[c] for c in bands if base and not math.isnan(r[c]) and base[c] > 0]
-        worst = f"{max(ratios):.3f}" if ratios else "n/a"
-        lines.append(f"| ×{r['scale']:g} | {r['model']} | " + " | ".join(cells) + f" | {worst} |")
+        worst = worst_band_ratio(r, tricubic[r["scale"]]) if r["scale"] in tricubic else float("nan")
+        lines.append(f"| ×{r['scale']:g} | {r['model']} | " + " | ".join(cells) + f" | {_fmt(worst, 'ratio', 3)} |")
     return "\n".join(lines) + "\n"
+
+
+def worst_band_ratio(record: dict, tricubic: dict) -> float:
+    """The largest ratio of a band's mean absolute error to tricubic's (NaN when no band is scored in both)."""
+    bands = [k for k in record if k.startswith("mae_band_") and k[len("mae_band_"):].isdigit()]
+    ratios = [record[k] / tricubic[k] for k in bands if _finite(record[k]) and _finite(tricubic.get(k)) and tricubic[k] > 0]
+    return max(ratios) if ratios else float("nan")
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def versus_tricubic(results: Results) -> list[dict]:
+    """One dict per (volume, scale, model other than tricubic): ``volume, scale, model``, the difference
+    from tricubic of each :data:`VERSUS_METRICS` scored, ``worst_band`` (when bands were scored),
+    ``wins`` and ``checks`` (how many of those comparisons the model meets). Empty without tricubic
+    and for real scans (no ground truth: nothing to be faithful to)."""
+    if results.mode != "simulated":
+        return []
+    tricubic = {(r["volume"], r["scale"]): r for r in results.records if r["model"] == "tricubic"}
+    metrics = [m for m in VERSUS_METRICS if m in results.metrics]
+    out = []
+    for r in results.records:
+        base = tricubic.get((r["volume"], r["scale"]))
+        if base is None or r["model"] in ("tricubic", GROUND_TRUTH):
+            continue
+        row = {"volume": r["volume"], "scale": r["scale"], "model": r["model"], "wins": 0, "checks": 0}
+        for m in metrics:  # a metric that could not be scored (NaN) is shown as n/a and not counted
+            row[m] = r[m] - base[m] if _finite(r.get(m)) and _finite(base.get(m)) else float("nan")
+            if _finite(row[m]):
+                row["checks"] += 1
+                row["wins"] += bool(row[m] >= 0)
+        if "bands" in results.metrics:
+            row["worst_band"] = worst_band_ratio(r, base)
+            if _finite(row["worst_band"]):
+                row["checks"] += 1
+                row["wins"] += bool(row["worst_band"] <= WORST_BAND_TARGET)
+        out.append(row)
+    return out
+
+
+def versus_tricubic_markdown(results: Results) -> str:
+    """``versus_tricubic.md``: the :func:`versus_tricubic` rows, then each model's total."""
+    rows = versus_tricubic(results)
+    if not rows:
+        return ""
+    metrics = [m for m in VERSUS_METRICS if m in rows[0]]
+    bands = "worst_band" in rows[0]
+    band_text = (f"; worst band: the largest ratio of a band's mean absolute error to tricubic's (target <= "
+                 f"{WORST_BAND_TARGET:.2f})" if bands else "")
+    lines = [f"Each model against tricubic on the same LR: the difference in each metric (positive = better than "
+             f"tricubic){band_text}; met: how many of these comparisons the model meets (a metric at least "
+             f"tricubic's{', the worst band within its target' if bands else ''}).", "",
+             "| Volume | Scale | Model | " + " | ".join(HEADINGS[m] for m in metrics) + (" | worst band" if bands else "")
+             + " | met |",
+             "|---|---|---|" + "---:|" * (len(metrics) + bands + 1)]
+    for r in rows:
+        cells = [f"{r[m]:+.{DIGITS.get(m, DEFAULT_DIGITS)}f}" if _finite(r[m]) else "n/a" for m in metrics]
+        if bands:
+            cells.append(_fmt(r["worst_band"], "worst_band", 3))
+        lines.append(f"| {os.path.basename(str(r['volume']))} | ×{r['scale']:g} | {r['model']} | "
+                     + " | ".join(cells) + f" | {r['wins']} of {r['checks']} |")
+    return "\n".join(lines + [""] + versus_tricubic_totals(rows)) + "\n"
+
+
+def versus_tricubic_totals(rows: list[dict]) -> list[str]:
+    """One line per model: how many of its :func:`versus_tricubic` comparisons it meets."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        own = [r for r in rows if r["model"] == model]
+        lines.append(f"{model}: {sum(r['wins'] for r in own)} of {sum(r['checks'] for r in own)} met "
+                     f"({len(own)} volume-scale pair{'s' * (len(own) != 1)}).")
+    return lines
 
 
 def markdown(results: Results, rows=None) -> str:
@@ -208,6 +289,10 @@ def write_tables(results: Results, out_dir, by_volume: bool = False) -> list[Pat
     out_dir = Path(out_dir)
     rows = aggregate(results)
     text = markdown_by_volume(results) if by_volume else markdown(results, rows)
-    return [write_atomic(out_dir / "results.md", text),
-            write_atomic(out_dir / "results.csv", csv_text(results, rows)),
-            write_atomic(out_dir / "results_per_volume.csv", per_volume_csv_text(results))]
+    written = [write_atomic(out_dir / "results.md", text),
+               write_atomic(out_dir / "results.csv", csv_text(results, rows)),
+               write_atomic(out_dir / "results_per_volume.csv", per_volume_csv_text(results))]
+    versus = versus_tricubic_markdown(results)
+    if versus:
+        written.append(write_atomic(out_dir / "versus_tricubic.md", versus))
+    return written
