@@ -42,6 +42,11 @@ def _upsample(args) -> None:
                   "(fewer voxels than the input)", file=sys.stderr)
     options = dict(scale=scale, voxel_size=voxel_size, like=args.like, volume_index=args.volume_index,
                    normalize=not args.no_normalize, chunk=args.chunk, tile=args.tile)
+    if not args.overwrite:
+        from arssr_jax.nifti import check_overwrite
+
+        for out_path in [args.paths[1]] if jobs is None else [out for _, out in jobs]:
+            check_overwrite(out_path)
     if jobs is None:  # upsample IN OUT
         from arssr_jax.inference import upsample_nifti
 
@@ -191,6 +196,8 @@ def _add_upsample(commands) -> None:
     up.add_argument("--chunk", type=int, default=None, help="at most this many HR voxels decoded per call (default 65536 on CPU, 2^20 on GPU)")
     up.add_argument("--tile", type=int, default=None, help="encoder tile core size in LR voxels (default: from free memory)")
     up.add_argument("--volume-index", type=int, default=None, metavar="I", help="volume of a 4D input to use")
+    up.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output that arssr-jax did not write (its own outputs are replaced anyway)")
     up.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
     up.set_defaults(run=_upsample)
 

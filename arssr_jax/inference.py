@@ -388,5 +388,5 @@ def upsample_nifti(
         tile=tile, progress=progress
     )
     result = nifti.Volume(hr, grid.affine(lr.affine), lr.header)
-    nifti.save(result, out_path, like_header=lr.header)
+    nifti.save(result, out_path, like_header=lr.header, description=nifti.output_description(lr.header))
     return result

@@ -45,7 +45,8 @@ from nibabel.spatialimages import SpatialImage
 from arssr_jax import tempfiles
 from arssr_jax.errors import ArSSRError
 
-__all__ = ["Volume", "load", "load_grid", "save", "check_output_path", "NIFTI_EXTENSIONS"]
+__all__ = ["Volume", "load", "load_grid", "save", "check_output_path", "check_overwrite", "written_by_arssr",
+           "NIFTI_EXTENSIONS"]
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 _NIFTI1_MAX_DIM = 32767
@@ -445,10 +446,39 @@ def check_output_path(out_path: str | os.PathLike, in_path: str | os.PathLike | 
         raise ArSSRError(f"output {name}: directory {_name(parent)} is not writable; choose a writable directory or fix its permissions")
 
 
+OUTPUT_MARK = "arssr-jax"  # begins the description (descrip) of every super-resolved volume the tool writes
+
+
+def written_by_arssr(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a NIfTI whose description says arssr-jax wrote it (False for anything unreadable)."""
+    try:
+        descrip = bytes(nib.load(os.fspath(path)).header["descrip"])
+    except Exception:  # any file nibabel cannot read as an image is, a fortiori, not one of ours
+        return False
+    return descrip.startswith(OUTPUT_MARK.encode())
+
+
+def check_overwrite(out_path: str | os.PathLike) -> None:
+    """Refuse to replace an existing file that arssr-jax did not write (a scan named as an output by mistake,
+    e.g. ``upsample a.nii.gz b.nii.gz`` meant as two inputs). A previous output is replaced silently."""
+    if os.path.isfile(out_path) and not written_by_arssr(out_path):
+        raise ArSSRError(f"output {_name(out_path)} exists and was not written by arssr-jax (several inputs need "
+                         "--out-dir DIR); pass --overwrite to replace it")
+
+
+def output_description(input_header: Any = None) -> bytes:
+    """The description of a super-resolved volume: the mark, then the input's own (80 bytes at most)."""
+    try:
+        own = bytes(input_header["descrip"]).rstrip(b"\0").strip()
+    except (KeyError, TypeError, ValueError):  # no header, or one without a description
+        own = b""
+    return (OUTPUT_MARK.encode() + (b"; " + own if own else b""))[:80]
+
+
 # --------------------------------------------------------------------------- save
 
 
-def _build_image(volume: Volume, like_header: Any) -> SpatialImage:
+def _build_image(volume: Volume, like_header: Any, description: bytes | None = None) -> SpatialImage:
     data = np.asarray(volume.data, dtype=np.float32)
     affine = np.asarray(volume.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
@@ -471,7 +501,9 @@ def _build_image(volume: Volume, like_header: Any) -> SpatialImage:
         out_hdr.set_xyzt_units(xyz_unit, t_unit)
     else:
         out_hdr.set_xyzt_units("mm")
-    if hdr is not None:
+    if description is not None:
+        out_hdr["descrip"] = description
+    elif hdr is not None:
         try:
             out_hdr["descrip"] = hdr["descrip"]
         except (KeyError, ValueError, TypeError):
@@ -483,14 +515,15 @@ def _build_image(volume: Volume, like_header: Any) -> SpatialImage:
     return img
 
 
-def save(volume: Volume, path: str | os.PathLike, like_header: Any = None) -> None:
+def save(volume: Volume, path: str | os.PathLike, like_header: Any = None, description: bytes | None = None) -> None:
     """Write ``volume`` as float32 NIfTI to ``path`` (.nii or .nii.gz), atomically.
 
     The image goes to a hidden temporary file next to ``path`` which is renamed
     over ``path`` only once completely written and flushed; on any failure the
     temporary file is removed and an existing file at ``path`` is left untouched.
     Header fields (units, description, qform/sform codes) come from
-    ``like_header`` if given, else from ``volume.header``.
+    ``like_header`` if given, else from ``volume.header``; ``description`` (at most
+    80 bytes) replaces the description.
     """
     p = os.fspath(path)
     if isinstance(p, bytes):
@@ -498,7 +531,7 @@ def save(volume: Volume, path: str | os.PathLike, like_header: Any = None) -> No
     check_output_path(p)
     ext = _ext(p)
     assert ext is not None
-    img = _build_image(volume, like_header)
+    img = _build_image(volume, like_header, description)
 
     parent = os.path.dirname(os.path.abspath(p))
     base = os.path.basename(p)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -38,6 +39,36 @@ def test_many_inputs_one_model_and_one_compile_per_shape(tmp_path, tiny_dir, cap
     assert main(["upsample", inputs[1], str(single), "--scale", "2", "--model", tiny_dir, "--quiet"]) == 0
     np.testing.assert_array_equal(nib.load(out / "s1_sr.nii.gz").get_fdata(), nib.load(single).get_fdata())
     np.testing.assert_array_equal(nib.load(out / "s1_sr.nii.gz").affine, nib.load(single).affine)
+
+
+def test_a_scan_named_as_the_output_is_not_overwritten(tmp_path, tiny_dir, capsys):
+    """`upsample a b` meant as two inputs must not replace scan b; a previous output is replaced silently."""
+    a, b = scan(tmp_path / "a.nii.gz"), scan(tmp_path / "b.nii.gz", seed=1)
+    before = Path(b).read_bytes()
+    assert main(["upsample", a, b, "--scale", "2", "--model", tiny_dir, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "b.nii.gz exists and was not written by arssr-jax" in err and "--overwrite" in err
+    assert Path(b).read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a.nii.gz", "b.nii.gz"]
+    # Batch mode refuses before any work; no output is written.
+    out = tmp_path / "o"
+    out.mkdir()
+    foreign = scan(out / "b_sr.nii.gz", seed=2)
+    assert main(["upsample", a, b, "--out-dir", str(out), "--scale", "2", "--model", tiny_dir, "--quiet"]) == 2
+    assert "b_sr.nii.gz exists" in capsys.readouterr().err and sorted(os.listdir(out)) == ["b_sr.nii.gz"]
+    # Its own output is marked, keeps the input's description after the mark, and is replaced on a rerun.
+    image = nib.load(a)
+    image.header["descrip"] = b"TE=4.2"
+    nib.save(image, a)
+    sr = tmp_path / "a_sr.nii.gz"
+    for _ in range(2):
+        assert main(["upsample", a, str(sr), "--scale", "2", "--model", tiny_dir, "--quiet"]) == 0
+    assert bytes(nib.load(sr).header["descrip"]).rstrip(b"\0") == b"arssr-jax; TE=4.2"
+    # --overwrite replaces a foreign file.
+    assert main(["upsample", a, b, "--scale", "2", "--model", tiny_dir, "--quiet", "--overwrite"]) == 0
+    assert nib.load(b).shape == (12, 14, 10) and Path(b).read_bytes() != before
+    assert main(["upsample", a, b, "--out-dir", str(out), "--scale", "2", "--model", tiny_dir, "--quiet",
+                 "--overwrite"]) == 0
+    assert bytes(nib.load(foreign).header["descrip"]).startswith(b"arssr-jax")
 
 
 def test_a_bad_input_is_reported_and_skipped(tmp_path, tiny_dir, capsys):

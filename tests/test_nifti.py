@@ -328,3 +328,20 @@ def test_volume_validation():
     assert v.data.dtype == np.float32 and v.affine.dtype == np.float64
     np.testing.assert_allclose(v.voxel_size, [1, 2, 3])
     assert nifti.NIFTI_EXTENSIONS == (".nii.gz", ".nii")
+
+
+def test_check_overwrite_refuses_only_files_arssr_did_not_write(tmp_path):
+    from arssr_jax.nifti import check_overwrite, output_description
+
+    check_overwrite(tmp_path / "new.nii.gz")  # nothing there: fine
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image")
+    with pytest.raises(ArSSRError, match="notes.nii.gz exists and was not written by arssr-jax"):
+        check_overwrite(text)
+    ours = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    ours.header["descrip"] = output_description(None)
+    nib.save(ours, tmp_path / "ours.nii")
+    check_overwrite(tmp_path / "ours.nii")
+    long = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    long.header["descrip"] = b"x" * 79
+    assert output_description(long.header) == b"arssr-jax; " + b"x" * 69  # 80 bytes, the mark first
