@@ -15,7 +15,7 @@ from scipy import ndimage
 from arssr_jax.coords import centre_positions
 from arssr_jax.data.degrade import degrade
 from arssr_jax.errors import ArSSRError
-from arssr_jax.evaluation import protocol, tables
+from arssr_jax.evaluation import edges, protocol, tables
 from arssr_jax.evaluation.cli import main
 from arssr_jax.evaluation.simulate import lr_shape_for, simulate, simulate_lr
 from arssr_jax.metrics import psnr, ssim_factors
@@ -276,3 +276,62 @@ def test_heldout_options_head_bands_clip_and_one_table_per_volume(tmp_path):
                     if k.startswith("mae_band_") and own["ArSSR"][k] and own["tricubic"][k])
         line = [x for x in versus.splitlines() if x.startswith(f"| {volume}.nii.gz | ×2 | ArSSR |")]
         assert len(line) == 1 and line[0].endswith(f"| {worst:.3f} | {sum(beaten) + (worst <= 1.10)} of 4 |")
+
+
+# ------------------------------------------------------------------ errors by depth below a mask's edge
+
+
+def masked_cube(side=12, cube=8, rim=0.15, core=0.95):
+    """Zeros with a centred cube: its outer layer at ``rim``, the rest at ``core``."""
+    gt = np.zeros((side,) * 3, np.float32)
+    start = (side - cube) // 2
+    gt[start:start + cube, start:start + cube, start:start + cube] = rim
+    gt[start + 1:start + cube - 1, start + 1:start + cube - 1, start + 1:start + cube - 1] = core
+    return gt
+
+
+def test_depth_labels_count_each_layer_of_a_cube():
+    labels = edges.depth_labels(masked_cube(side=9, cube=5), deepest=4)
+    assert (labels == edges.OUTSIDE).sum() == 6 * 25  # the background voxels sharing a face with the cube
+    assert [(labels == k).sum() for k in (1, 2, 3, 4)] == [5 ** 3 - 3 ** 3, 3 ** 3 - 1, 1, 0]
+    assert (edges.depth_labels(masked_cube(side=9, cube=5), deepest=2) == 2).sum() == 27
+
+
+def test_edge_tables_need_a_masked_volume():
+    with pytest.raises(ArSSRError, match="masked"):
+        edges.depth_labels(np.random.default_rng(0).random((8, 8, 8)))
+
+
+def test_edge_tables_give_each_layer_and_band_its_own_errors():
+    gt = masked_cube()
+    labels = edges.depth_labels(gt)
+    reference = gt + 0.1  # the first output: the ratios are taken against it
+    better_rim = gt + np.where(labels == 1, -0.05, 0.2)
+    table = edges.edge_tables({"cubic": reference, "model": better_rim}, gt, protocol.band_index(gt)).splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert rows["inside, layer 1"] == "| inside, layer 1 | 296 | +0.1000 | 0.1000 | -0.0500 | 0.0500 | 0.50 |"
+    assert rows["inside, layer 2"].endswith("| 2.00 |")
+    assert rows["background touching the mask"].startswith("| background touching the mask | 384 |")
+    assert list(rows)[5:] == ["outer layer, band 1 (0.1-0.2)", "below it, band 9 (0.9-1.0)"]
+    assert rows["outer layer, band 1 (0.1-0.2)"].startswith("| outer layer, band 1 (0.1-0.2) | 296 | +0.1000")
+    assert rows["below it, band 9 (0.9-1.0)"].startswith("| below it, band 9 (0.9-1.0) | 216 | +0.1000")
+    assert not any("outer layer, band 9" in line for line in table)
+
+
+def test_edge_errors_script_scores_tricubic_and_the_model_as_upsample_runs_it(tmp_path):
+    data = normalised_anatomical()[:, :, :20]
+    masked = np.where(protocol.head_mask(data), data, 0.0).astype(np.float32)
+    path = tmp_path / "masked.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(masked, np.eye(4)), path)
+    script = os.path.join(ROOT, "eval", "edge_errors.py")
+    done = subprocess.run([sys.executable, script, str(path), "--scales", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lr = np.maximum(simulate_lr(masked, 2.0), 0.0)
+    cubic = interp.tricubic(lr, shape=masked.shape)
+    labels = edges.depth_labels(masked)
+    count, mean, mae = edges.region_errors(cubic, masked, labels == 1)
+    assert f"| inside, layer 1 | {count} | {mean:+.4f} | {mae:.4f} |" in done.stdout
+    assert "ArSSR MAE / tricubic's" in done.stdout
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), tmp_path / "head.nii.gz")  # noisy background: refused
+    done = subprocess.run([sys.executable, script, str(tmp_path / "head.nii.gz")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "masked" in done.stderr
