@@ -7,8 +7,8 @@ For each volume (a skull-stripped or masked one: its background exactly its mini
 scale, the LR is simulated as the model card's protocol does (centred cubic degradation,
 clipped at 0), decoded by tricubic and by the model exactly as ``arssr-jax upsample`` runs
 it, and the signed and absolute errors are printed for the background layer touching the
-mask, each layer inside it, and the outer layer split by band of ground-truth intensity
-(``arssr_jax.evaluation.edges``).
+mask and each layer inside it, and by band of ground-truth intensity in the outer layer and
+below it (``arssr_jax.evaluation.edges``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from arssr_jax.errors import ArSSRError
 from arssr_jax.evaluation.cli import load_min_max
-from arssr_jax.evaluation.edges import edge_tables
+from arssr_jax.evaluation.edges import depth_labels, edge_tables
 from arssr_jax.evaluation.protocol import band_index
 from arssr_jax.evaluation.runners import arssr_runner, interpolation_runner
 from arssr_jax.evaluation.simulate import simulate_lr
@@ -28,12 +28,13 @@ from arssr_jax.evaluation.simulate import simulate_lr
 
 def report(path, runners, scales, deepest: int) -> str:
     gt = load_min_max(path)
+    labels = depth_labels(gt, deepest)  # an unmasked volume is refused before any decoding
     bands = band_index(gt)
     parts = []
     for scale in scales:
         lr = np.maximum(simulate_lr(gt, scale), 0.0)
         outputs = {r.label: r(lr, gt.shape) for r in runners}
-        parts.append(f"### {path} x{scale:g}\n\n" + edge_tables(outputs, gt, bands, deepest))
+        parts.append(f"### {path} x{scale:g}\n\n" + edge_tables(outputs, gt, bands, deepest, labels))
     return "\n\n".join(parts)
 
 

@@ -39,13 +39,17 @@ def depth_labels(gt, deepest: int = 4) -> np.ndarray:
     return labels
 
 
-def region_errors(sr, gt, chosen) -> tuple:
-    """(voxels, mean signed error, mean absolute error) of ``sr`` against ``gt`` where
-    ``chosen`` is true (NaN errors for an empty region)."""
-    error = (np.asarray(sr, np.float64) - np.asarray(gt, np.float64))[chosen]
+def _summary(error) -> tuple:
+    """(voxels, mean, mean absolute value) of some voxels' errors (NaN for none)."""
     if not error.size:
         return 0, float("nan"), float("nan")
     return int(error.size), float(error.mean()), float(np.abs(error).mean())
+
+
+def region_errors(sr, gt, chosen) -> tuple:
+    """(voxels, mean signed error, mean absolute error) of ``sr`` against ``gt`` where
+    ``chosen`` is true (NaN errors for an empty region)."""
+    return _summary((np.asarray(sr, np.float64) - np.asarray(gt, np.float64))[chosen])
 
 
 def layer_name(label: int, deepest: int) -> str:
@@ -54,12 +58,15 @@ def layer_name(label: int, deepest: int) -> str:
     return f"inside, layer {label}" + (" and deeper" if label == deepest else "")
 
 
-def edge_tables(outputs: dict, gt, bands, deepest: int = 4) -> str:
+def edge_tables(outputs: dict, gt, bands, deepest: int = 4, labels=None) -> str:
     """Markdown: every output's error by layer, then by band of ground-truth intensity in
     the outer layer and in the layers below it (bands of fewer than ``MIN_BAND_VOXELS``
     voxels are left out, as the band tables do). ``outputs``: label -> SR volume, the first
-    one the reference the ratios are taken against (tricubic)."""
-    labels = depth_labels(gt, deepest)
+    one the reference the ratios are taken against (tricubic); ``labels``: ``depth_labels(gt,
+    deepest)`` when already computed."""
+    labels = depth_labels(gt, deepest) if labels is None else labels
+    gt = np.asarray(gt, np.float64)
+    error_maps = {n: np.asarray(sr, np.float64) - gt for n, sr in outputs.items()}  # once per output, not per row
     layers = [OUTSIDE] + list(range(1, deepest + 1))
     rows = [(layer_name(k, deepest), labels == k) for k in layers]
     for where, chosen in (("outer layer", labels == 1), ("below it", labels >= 2)):
@@ -72,7 +79,7 @@ def edge_tables(outputs: dict, gt, bands, deepest: int = 4) -> str:
              + " | ".join(f"{n} MAE / {first}'s" for n in others) + " |",
              "|---" * (2 + 2 * len(outputs) + len(others)) + "|"]
     for title, chosen in rows:
-        errors = {n: region_errors(sr, gt, chosen) for n, sr in outputs.items()}
+        errors = {n: _summary(error[chosen]) for n, error in error_maps.items()}
         base = errors[first][2]
         cells = [f"{errors[n][1]:+.4f} | {errors[n][2]:.4f}" for n in outputs]
         ratios = [f"{errors[n][2] / base:.2f}" if base > 0 else "n/a" for n in others]
