@@ -159,3 +159,39 @@ def test_cli_refuses_a_bad_step_before_writing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "consistency must be a number from 0 to 1" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_sweep_script_scores_each_step_and_picks_the_best(tmp_path, capsys):
+    """eval/consistency_sweep.py: each column is the PSNR of the model's output back-projected
+    with that step, recomputed here from upsample and back_project; the best step is the
+    column with the highest mean."""
+    import importlib.util
+    import os
+
+    import nibabel as nib
+
+    from arssr_jax.metrics import psnr
+
+    module, params = tiny_model()
+    save_model(tmp_path / "m", TINY, params)
+    volume = smooth_volume((20, 18, 16))
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "hr.nii.gz")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "consistency_sweep.py")
+    spec = importlib.util.spec_from_file_location("consistency_sweep", script)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    steps = [0.0, 0.5, 1.0]
+    assert sweep.main([str(tmp_path / "hr.nii.gz"), "--model", str(tmp_path / "m"), "--scales", "2", "3",
+                       "--steps", *map(str, steps)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[3:-1] for line in out.splitlines() if line.startswith(f"| {tmp_path}")]
+    printed = np.array([[float(v) for v in row] for row in rows])
+    hr = (volume - volume.min()) / (volume.max() - volume.min())
+    expected = []
+    for scale in (2.0, 3.0):
+        lr = np.maximum(simulate_lr(hr, scale), 0.0)
+        grid = grid_for_shape(lr.shape, hr.shape)
+        raw = upsample(lr, (module, params), grid=grid, consistency=0.0)
+        expected.append([psnr(back_project(raw, lr, grid, step), hr) for step in steps])
+    np.testing.assert_allclose(printed, expected, atol=0.011)
+    assert f"best step: {steps[int(np.argmax(np.mean(expected, axis=0)))]:g}" in out
