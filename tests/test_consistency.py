@@ -3,6 +3,7 @@ cases, and the option saved with the model and applied by inference."""
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -14,10 +15,12 @@ from arssr_jax.errors import ArSSRError
 from arssr_jax.evaluation.simulate import simulate_lr
 from arssr_jax.inference import Upsampler, upsample
 from arssr_jax.interpolation import tricubic
+from arssr_jax.metrics import psnr
 from arssr_jax.models import ModelConfig, build_model
 from arssr_jax.weights import load_model, save_model
 
-from tiny_model import TINY, tiny_model  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from scripts import load_script  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from tiny_model import TINY, tiny_model  # noqa: E402
 
 
 def smooth_volume(shape, seed=0):
@@ -150,8 +153,6 @@ def test_a_bad_step_is_refused(bad):
 
 
 def test_cli_refuses_a_bad_step_before_writing(tmp_path, capsys):
-    import nibabel as nib
-
     nib.save(nib.Nifti1Image(smooth_volume((8, 8, 8)), np.eye(4)), tmp_path / "lr.nii.gz")
     out = tmp_path / "sr.nii.gz"
     assert main(["upsample", str(tmp_path / "lr.nii.gz"), str(out), "--scale", "2", "--consistency", "2",
@@ -165,21 +166,11 @@ def test_sweep_script_scores_each_step_and_picks_the_best(tmp_path, capsys):
     """eval/consistency_sweep.py: each column is the PSNR of the model's output back-projected
     with that step, recomputed here from upsample and back_project; the best step is the
     column with the highest mean."""
-    import importlib.util
-    import os
-
-    import nibabel as nib
-
-    from arssr_jax.metrics import psnr
-
     module, params = tiny_model()
     save_model(tmp_path / "m", TINY, params)
     volume = smooth_volume((20, 18, 16))
     nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "hr.nii.gz")
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "consistency_sweep.py")
-    spec = importlib.util.spec_from_file_location("consistency_sweep", script)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_script("eval/consistency_sweep.py")
     steps = [0.0, 0.5, 1.0]
     assert sweep.main([str(tmp_path / "hr.nii.gz"), "--model", str(tmp_path / "m"), "--scales", "2", "3",
                        "--steps", *map(str, steps)]) == 0

@@ -23,6 +23,8 @@ from arssr_jax.spline import PREFILTER_RADIUS, local_range, prefilter, sample_cu
 from arssr_jax.training.state import set_output_layer
 from arssr_jax.weights import load_model, save_model
 
+from scripts import load_script  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
 TINY_RESIDUAL = ModelConfig(encoder="RDN", feature_dim=8, decoder_depth=4, decoder_width=16, padding="border",
                             encoder_options={"num_blocks": 1, "num_layers": 1, "num_features": 8, "growth": 8},
                             residual="tricubic")
@@ -451,13 +453,7 @@ def test_l2_training_loss_is_the_mean_squared_error():
 
 
 def _prepare_data_module():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).parents[1] / "train" / "prepare_data.py"
-    spec = importlib.util.spec_from_file_location("prepare_data", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train/prepare_data.py")
 
 
 def test_block_average_is_a_coarser_acquisition_of_the_same_world():
