@@ -312,9 +312,9 @@ def test_shipped_model_beats_tricubic_on_another_contrast_it_never_saw():
     path = Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz"
     hr = _min_max(nibabel.load(path).dataobj[..., 0])
     ours, cubic = _shipped_and_tricubic(hr, 3.0)
-    # Bands within 15 %: the model card reports this source's dark bands missing the 10 % target
-    # at x3-x4 (here the third tenth: 1.08 for the network alone, 1.10 after the consistency step).
-    _assert_beats_tricubic(ours, cubic, hr, min_gain_db=0.3, band_margin=1.15)
+    # At x3 every band is within the 10 % target (the model card's x3.5 / x4 are not; here the
+    # worst is the third tenth: 1.06).
+    _assert_beats_tricubic(ours, cubic, hr, min_gain_db=0.3)
 
 
 def test_consistency_step_keeps_the_shipped_model_above_tricubic_on_an_lr_that_averages():

@@ -41,21 +41,24 @@ def get_config():
         data=DataConfig(
             paths=("data/train",), patch_size=40, lr_size=10, scale_min=2.0, scale_max=4.0,
             degrade="centred", samples_per_step=4000, batch_size=12, samples_per_volume=300,
-            seed=0, worker_count=0, read_threads=1, prefetch=2, min_foreground=0.1,
+            seed=1, worker_count=0, read_threads=1, prefetch=2, min_foreground=0.1,
             augment=AugmentConfig(flip=True, permute=True, contrast=0.4, gamma=0.2, intensity_scale=0.2,
                                   bias_field=0.2, rician_noise=0.06, bright_spots=0.4, blur=0.5, mask_cut=0.5,
-                                  mask_ramp=0.6, clip_lr=0.5),
+                                  mask_ramp=0.9, clip_lr=0.5),
         ),
         optim=OptimConfig(learning_rate=5e-4, decay_every_epochs=13.5, decay_factor=0.5),
         # Validation patches come from the training volumes at other positions: the held-out
         # sources are kept for the final evaluation only, never for choosing checkpoints.
         val=ValidationConfig(paths=("data/train",), scales=(2.0, 3.0, 4.0), patches_per_volume=2,
                              every_epochs=5.0, chunk=16384, seed=7),
-        # 6000 steps (63 min; 4000 with decay every 9 epochs gave 0.1-0.2 dB less and a worse
+        # 6000 steps (about 65 min; 4000 with decay every 9 epochs gave 0.1-0.2 dB less and a worse
         # MNI152 rim on the held-out sources; 8000 with decay every 18 gained PSNR on the templates
         # but lost SSIM on the noisy 2 mm scan and widened MNI152's rim at x2.5; all within the
         # spread between seeds, see the README's model card).
         # Interrupt and rerun the same command to resume.
+        # Seed 1 (initialisation and data order): seeds 0 and 1 of this recipe met the same
+        # held-out checks; 1 had the higher validation PSNR (24.42 against 24.35 dB).
+        seed=1,
         steps=6000,
         log_every=25,
         keep_last=2,
