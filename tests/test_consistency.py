@@ -186,3 +186,20 @@ def test_sweep_script_scores_each_step_and_picks_the_best(tmp_path, capsys):
         expected.append([psnr(back_project(raw, lr, grid, step), hr) for step in steps])
     np.testing.assert_allclose(printed, expected, atol=0.011)
     assert f"best step: {steps[int(np.argmax(np.mean(expected, axis=0)))]:g}" in out
+
+
+def test_sweep_script_picks_a_step_per_scale_from_the_mean_over_volumes(tmp_path, capsys, monkeypatch):
+    """The per-scale choice averages each scale's row over the volumes; the overall choice
+    averages everything (here they differ: x2 prefers step 1, x3 step 0, overall 0.5)."""
+    module, params = tiny_model()
+    save_model(tmp_path / "m", TINY, params)
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(smooth_volume((8, 8, 8)), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    tables = iter([np.array([[20.0, 21.0, 23.0], [22.0, 21.5, 19.0]]),   # volume a: rows x2, x3
+                   np.array([[20.0, 21.0, 20.5], [22.0, 21.5, 20.0]])])  # volume b
+    sweep = load_script("eval/consistency_sweep.py")
+    monkeypatch.setattr(sweep, "sweep", lambda *args: next(tables))
+    assert sweep.main([str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--model", str(tmp_path / "m"),
+                       "--scales", "2", "3", "--steps", "0", "0.5", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "best step: 0.5" in out and "best step per scale: x2 1, x3 0" in out
