@@ -61,11 +61,11 @@ def main(argv=None) -> int:
         tables.append(table)
         for scale, row in zip(args.scales, table):
             print(f"| {path} | x{scale:g} | " + " | ".join(f"{v:.2f}" for v in row) + " |", flush=True)
-    mean = np.concatenate(tables).mean(axis=0)
+    per_scale = np.mean(tables, axis=0)  # one row per scale, averaged over the volumes
+    mean = per_scale.mean(axis=0)
     print("| mean | | " + " | ".join(f"{v:.3f}" for v in mean) + " |")
     print(f"best step: {args.steps[int(np.argmax(mean))]:g}")
-    # The same rule scale by scale (mean over the volumes): whether one step suits every scale.
-    per_scale = np.mean(tables, axis=0)
+    # The same rule scale by scale: whether one step suits every scale.
     print("best step per scale: " + ", ".join(f"x{scale:g} {args.steps[int(np.argmax(row))]:g}"
                                               for scale, row in zip(args.scales, per_scale)))
     return 0
