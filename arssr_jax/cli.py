@@ -191,8 +191,9 @@ def _add_upsample(commands) -> None:
     up.add_argument("--padding", choices=["zeros", "border"], default=None,
                     help="feature sampling beyond the outer voxel centres (default: the model's, zeros as the reference)")
     up.add_argument("--consistency", type=float, default=None, metavar="STEP",
-                    help="after decoding, remove this fraction (0 to 1) of the output's disagreement with the input "
-                    "(default: the model's own; 0 = the network's output as it is)")
+                    help="after decoding, remove this fraction (0 to 1) of the output's disagreement with the input, "
+                    "at every scale (default: the model's own, which may depend on the scale; 0 = the network's "
+                    "output as it is; 1 suits an acquired input, whose voxels average the tissue)")
     up.add_argument("--chunk", type=int, default=None, help="at most this many HR voxels decoded per call (default 65536 on CPU, 2^20 on GPU)")
     up.add_argument("--tile", type=int, default=None, help="encoder tile core size in LR voxels (default: from free memory)")
     up.add_argument("--volume-index", type=int, default=None, metavar="I", help="volume of a 4D input to use")

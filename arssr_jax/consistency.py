@@ -13,6 +13,10 @@ detail only where the LR cannot see it; ``step=0`` leaves the network's output a
 A further step changes almost nothing (tricubic interpolation followed by sampling at the
 LR centres is close to the identity), so one is applied.
 
+The step may depend on the scale (a *schedule*: (scale, step) pairs, linear in between and
+held beyond the ends): the larger the scale, the more of the output the LR cannot see, and
+the more a smooth correction can cost the network's detail there.
+
 Any target grid at least as fine as the input along each of its axes works, oblique ones
 too: the HR grid's index map places the LR voxel centres in it. LR voxels whose centre lies
 outside the HR grid's extent (a region, or a ``--like`` grid that covers part of the input)
@@ -21,6 +25,8 @@ are not compared: the output cannot be checked against what it does not contain.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 from scipy import ndimage
@@ -47,6 +53,47 @@ def back_project(sr: np.ndarray, lr: np.ndarray, grid: TargetGrid, step: float) 
     correction *= np.float32(step)  # in place: large grids hold no third copy
     correction += sr
     return correction
+
+
+def grid_scale(grid: TargetGrid) -> float:
+    """HR voxels per LR voxel along an axis, as the geometric mean over the three axes (2 for
+    x2; 1.59 for 1 x 1 x 4); any orientation."""
+    linear = np.asarray(grid.index_map, np.float64)[:3, :3]
+    return float(abs(np.linalg.det(linear)) ** (-1 / 3))
+
+
+def step_at(schedule, scale: float) -> float:
+    """The step a schedule gives ``scale``: a number is the step at every scale; (scale, step)
+    pairs in increasing scale are interpolated linearly and held constant beyond the ends."""
+    if isinstance(schedule, numbers.Real):
+        return float(schedule)
+    scales, steps = zip(*schedule)
+    return float(np.interp(scale, scales, steps))
+
+
+def checked_schedule(schedule):
+    """A number from 0 to 1 as a float, or (scale, step) pairs (a sequence or a {scale: step}
+    mapping) as a tuple of float pairs sorted by scale; ValueError naming the fault otherwise."""
+    if _is_step(schedule):
+        return float(schedule)
+    pairs = schedule.items() if isinstance(schedule, dict) else schedule
+    try:
+        pairs = [(scale, step) for scale, step in pairs]
+    except (TypeError, ValueError):  # not a sequence of pairs
+        pairs = []
+    if not (pairs and all(_is_scale(scale) and _is_step(step) for scale, step in pairs)
+            and len({float(scale) for scale, _ in pairs}) == len(pairs)):
+        raise ValueError(f"consistency must be a number from 0 to 1, or (scale, step) pairs with distinct "
+                         f"scales of at least 1 and steps from 0 to 1; got {schedule!r:.60}")
+    return tuple(sorted((float(scale), float(step)) for scale, step in pairs))
+
+
+def _is_step(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 0.0 <= value <= 1.0
+
+
+def _is_scale(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 1.0 <= value < float("inf")
 
 
 def is_super_resolution(grid: TargetGrid) -> bool:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arssr_jax import coords as grids
-from arssr_jax.consistency import OUTPUT_COPIES, back_project, is_super_resolution
+from arssr_jax.consistency import OUTPUT_COPIES, back_project, grid_scale, is_super_resolution, step_at
 from arssr_jax.errors import ArSSRError
 from arssr_jax.intensity import Normalisation
 from arssr_jax.models import (
@@ -173,15 +173,21 @@ def resolve_model(model, padding=None):
     return module, params
 
 
-def consistency_step(config: ModelConfig, consistency=None) -> float:
-    """The model's own data-consistency step, or ``consistency`` checked as a model's would be.
-    Not folded into the module: the compiled encoder and decoder do not depend on it."""
+def consistency_schedule(config: ModelConfig, consistency=None):
+    """The model's own data-consistency step (or schedule of steps per scale), or
+    ``consistency`` checked as a model's would be. Not folded into the module: the compiled
+    encoder and decoder do not depend on it."""
     if consistency is None:
         return config.consistency
     try:
         return config.replace(consistency=consistency).consistency
     except ValueError as error:
         raise ArSSRError(str(error)) from None
+
+
+def consistency_step(schedule, grid: grids.TargetGrid) -> float:
+    """The step a schedule gives this grid (by its scale); 0 where the grid is no super-resolution."""
+    return step_at(schedule, grid_scale(grid)) if is_super_resolution(grid) else 0.0
 
 
 def target_grid(lr_shape, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None):
@@ -249,13 +255,14 @@ def upsample(
     99.5th percentiles to 0 and 1 (:class:`arssr_jax.intensity.Normalisation`, the rule the
     training volumes get) and restore its scale on output (off: intensities are fed as they are).
     ``consistency``: the fraction of the output's disagreement with the input removed after
-    decoding (:mod:`arssr_jax.consistency`; default: the model's own, 0 for converted weights).
+    decoding, or (scale, step) pairs (:mod:`arssr_jax.consistency`; default: the model's own,
+    0 for converted weights).
     """
     volume = _checked_input(volume)
     grid = target_grid(volume.shape, scale=scale, shape=shape, voxel_size=voxel_size, lr_voxel_size=lr_voxel_size, grid=grid)
     module, params = resolve_model(model, padding)
-    step = consistency_step(module.config, consistency)
-    copies = OUTPUT_COPIES if step and is_super_resolution(grid) else 1
+    step = consistency_step(consistency_schedule(module.config, consistency), grid)
+    copies = OUTPUT_COPIES if step else 1
     check_fits_in_memory(volume.shape, grid, module.config, output_copies=copies)
     norm = Normalisation.of(volume) if normalize else None
     lr = norm.apply(volume) if norm else np.asarray(volume, np.float32)
@@ -316,7 +323,7 @@ class Upsampler:
 
     def __init__(self, model=None, *, padding=None, consistency=None, normalize=True, chunk=None, tile=None):
         module, params = resolve_model(model, padding)
-        self.consistency = consistency_step(module.config, consistency)
+        self.consistency = consistency_schedule(module.config, consistency)
         # On the device once, not converted again for every call.
         self.module, self.params = module, jax.device_put(params) if params is not None else None
         self.config = module.config

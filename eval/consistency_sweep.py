@@ -7,7 +7,9 @@ For each volume (min-max normalised; at most --max-slices slices along its last 
 middle ones, to keep it quick) and scale, the LR is simulated as the evaluation does
 (centred cubic degradation, clipped at 0), decoded once without consistency, and then
 back-projected with each step (arssr_jax.consistency). Prints PSNR per step, the step
-with the highest mean PSNR over every volume and scale, and the best step at each scale.
+with the highest mean PSNR over every volume and scale, and the best step at each scale
+(a schedule ModelConfig.consistency takes). ``--antialias`` simulates an LR that averages
+over its voxels (as an acquisition does, and evaluate.py --antialias) instead.
 Run it on training volumes only: a step chosen on the held-out sources would make their
 scores optimistic.
 """
@@ -27,11 +29,11 @@ from arssr_jax.inference import upsample
 from arssr_jax.weights import load_model
 
 
-def sweep(hr, model, steps, scales) -> np.ndarray:
+def sweep(hr, model, steps, scales, antialias=False) -> np.ndarray:
     """PSNR (dB) of the back-projected output, one row per scale, one column per step."""
     rows = []
     for scale in scales:
-        lr = np.maximum(simulate_lr(hr, scale), 0.0)
+        lr = np.maximum(simulate_lr(hr, scale, antialias=antialias), 0.0)
         grid = grid_for_shape(lr.shape, hr.shape)
         sr = upsample(lr, model, grid=grid, consistency=0.0)
         rows.append([metrics.psnr(back_project(sr, lr, grid, step), hr) for step in steps])
@@ -50,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--scales", type=float, nargs="+", default=[2.0, 2.5, 3.0, 3.5, 4.0])
     p.add_argument("--max-slices", type=int, default=50, help="slices kept along the last axis (default 50)")
+    p.add_argument("--antialias", action="store_true",
+                   help="an LR that averages over its voxels (as evaluate.py --antialias) instead of point sampling")
     args = p.parse_args(argv)
     module, params, _ = load_model(args.model)
     header = "| volume | scale | " + " | ".join(f"step {s:g}" for s in args.steps) + " |"
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
     tables = []
     for path in args.volumes:
         hr = middle_slab(load_min_max(path), args.max_slices)
-        table = sweep(hr, (module, params), args.steps, args.scales)
+        table = sweep(hr, (module, params), args.steps, args.scales, args.antialias)
         tables.append(table)
         for scale, row in zip(args.scales, table):
             print(f"| {path} | x{scale:g} | " + " | ".join(f"{v:.2f}" for v in row) + " |", flush=True)
@@ -65,9 +69,11 @@ def main(argv=None) -> int:
     mean = per_scale.mean(axis=0)
     print("| mean | | " + " | ".join(f"{v:.3f}" for v in mean) + " |")
     print(f"best step: {args.steps[int(np.argmax(mean))]:g}")
-    # The same rule scale by scale: whether one step suits every scale.
-    print("best step per scale: " + ", ".join(f"x{scale:g} {args.steps[int(np.argmax(row))]:g}"
-                                              for scale, row in zip(args.scales, per_scale)))
+    # The same rule scale by scale: whether one step suits every scale, and if not the
+    # schedule to give ModelConfig.consistency (linear in between, held beyond the ends).
+    best = [(scale, args.steps[int(np.argmax(row))]) for scale, row in zip(args.scales, per_scale)]
+    print("best step per scale: " + ", ".join(f"x{scale:g} {step:g}" for scale, step in best))
+    print("as ModelConfig.consistency: (" + ", ".join(f"({scale:g}, {step:g})" for scale, step in best) + ")")
     return 0
 
 

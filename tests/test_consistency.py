@@ -1,6 +1,7 @@
 """Data consistency (back-projection): scipy as the independent reference, closed-form
 cases, and the option saved with the model and applied by inference."""
 
+import ast
 import json
 
 import nibabel as nib
@@ -9,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from arssr_jax.cli import main
-from arssr_jax.consistency import back_project, is_super_resolution, points_inside, resample
+from arssr_jax.consistency import back_project, grid_scale, is_super_resolution, points_inside, resample
 from arssr_jax.coords import TargetGrid, grid_along_line, grid_for_region, grid_for_scale, grid_for_shape
 from arssr_jax.errors import ArSSRError
 from arssr_jax.evaluation.simulate import simulate_lr
@@ -17,9 +18,10 @@ from arssr_jax.inference import Upsampler, upsample
 from arssr_jax.interpolation import tricubic
 from arssr_jax.metrics import psnr
 from arssr_jax.models import ModelConfig, build_model
+from arssr_jax.training.config import load_config
 from arssr_jax.weights import load_model, save_model
 
-from scripts import load_script  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from scripts import ROOT, load_script  # noqa: E402  (tests/ is on sys.path: conftest.py)
 from tiny_model import TINY, tiny_model  # noqa: E402
 
 
@@ -126,8 +128,40 @@ def test_upsample_applies_the_models_step_and_an_override(tmp_path):
     np.testing.assert_array_equal(Upsampler(tmp_path / "m", consistency=0.0, normalize=False)(lr, scale=2), raw)
 
 
+def test_grid_scale_is_the_geometric_mean_of_the_axes_scales():
+    assert grid_scale(grid_for_scale((10, 12, 8), 2)) == pytest.approx(2.0)
+    assert grid_scale(grid_for_scale((10, 12, 8), (1, 2, 4))) == pytest.approx(2.0)
+    assert grid_scale(grid_for_scale((10, 10, 10), (1, 1, 4))) == pytest.approx(4 ** (1 / 3))
+    turned = np.eye(4)
+    turned[:3, :3] = np.array([[0.0, 0.5, 0.0], [0.0, 0.0, -0.25], [0.5, 0.0, 0.0]])  # axes permuted, one flipped
+    assert grid_scale(TargetGrid((8, 8, 8), turned)) == pytest.approx(16 ** (1 / 3))  # x2, x4, x2
+
+
+def test_a_step_per_scale_is_saved_and_applied_by_the_grids_scale(tmp_path):
+    """(scale, step) pairs: the step at a grid's scale, linear in between, held beyond the ends."""
+    module, params = tiny_model()
+    lr = smooth_volume((9, 8, 10)) / 4
+    save_model(tmp_path / "m", TINY.replace(consistency={3: 0.0, 2: 1.0}), params)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["consistency"] == [[2.0, 1.0], [3.0, 0.0]]
+    assert load_model(tmp_path / "m")[0].config.consistency == ((2.0, 1.0), (3.0, 0.0))
+    up = Upsampler(tmp_path / "m", normalize=False)
+    for scale in (2, 2.5, 3, 4, (1, 1, 2)):
+        grid = grid_for_scale(lr.shape, scale)
+        hr_per_lr = np.prod(1 / np.diag(grid.index_map)[:3]) ** (1 / 3)
+        step = float(np.clip(3 - hr_per_lr, 0, 1))  # 1 at x2 and below, 0 from x3
+        raw = upsample(lr, (module, params), grid=grid, normalize=False)
+        np.testing.assert_allclose(up(lr, grid=grid), back_project(raw, lr, grid, step), atol=1e-6)
+        np.testing.assert_array_equal(up(lr, grid=grid), upsample(lr, tmp_path / "m", grid=grid, normalize=False))
+    # an override is one step at every scale
+    np.testing.assert_array_equal(Upsampler(tmp_path / "m", consistency=0.0, normalize=False)(lr, scale=2),
+                                  upsample(lr, (module, params), scale=2, normalize=False))
+
+
 def test_shipped_model_has_the_step_and_converted_models_have_none():
-    assert load_model("default")[0].config.consistency == 0.5
+    shipped = load_model("default")[0].config
+    assert shipped.consistency == ((2.0, 0.75), (3.0, 0.25))
+    # the recipe that reproduces it builds the same model, schedule included
+    assert load_config(str(ROOT / "train" / "configs" / "default_model.py")).model == shipped
     assert ModelConfig().consistency == 0.0  # converted reference weights: the paper's output
     assert ModelConfig.from_dict({"encoder": "RDN"}).consistency == 0.0  # config.json written before the option
 
@@ -144,7 +178,8 @@ def test_free_memory_is_checked_for_the_steps_arrays_too(monkeypatch):
         upsample(lr, tiny_model(), scale=2, consistency=0.5)
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "half"])
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "half", [], [(0.5, 0.2)], [(2, 0.2), (2.0, 0.3)],
+                                 [(2, 1.2)], [(2,)], {2: True}, {float("inf"): 0.5}])
 def test_a_bad_step_is_refused(bad):
     with pytest.raises(ValueError, match="consistency"):
         build_model(TINY.replace(consistency=bad))
@@ -162,10 +197,11 @@ def test_cli_refuses_a_bad_step_before_writing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_sweep_script_scores_each_step_and_picks_the_best(tmp_path, capsys):
+@pytest.mark.parametrize("antialias", [False, True])
+def test_sweep_script_scores_each_step_and_picks_the_best(tmp_path, capsys, antialias):
     """eval/consistency_sweep.py: each column is the PSNR of the model's output back-projected
     with that step, recomputed here from upsample and back_project; the best step is the
-    column with the highest mean."""
+    column with the highest mean. --antialias: the LR averages over its voxels."""
     module, params = tiny_model()
     save_model(tmp_path / "m", TINY, params)
     volume = smooth_volume((20, 18, 16))
@@ -173,14 +209,14 @@ def test_sweep_script_scores_each_step_and_picks_the_best(tmp_path, capsys):
     sweep = load_script("eval/consistency_sweep.py")
     steps = [0.0, 0.5, 1.0]
     assert sweep.main([str(tmp_path / "hr.nii.gz"), "--model", str(tmp_path / "m"), "--scales", "2", "3",
-                       "--steps", *map(str, steps)]) == 0
+                       "--steps", *map(str, steps)] + ["--antialias"] * antialias) == 0
     out = capsys.readouterr().out
     rows = [line.split("|")[3:-1] for line in out.splitlines() if line.startswith(f"| {tmp_path}")]
     printed = np.array([[float(v) for v in row] for row in rows])
     hr = (volume - volume.min()) / (volume.max() - volume.min())
     expected = []
     for scale in (2.0, 3.0):
-        lr = np.maximum(simulate_lr(hr, scale), 0.0)
+        lr = np.maximum(simulate_lr(hr, scale, antialias=antialias), 0.0)
         grid = grid_for_shape(lr.shape, hr.shape)
         raw = upsample(lr, (module, params), grid=grid, consistency=0.0)
         expected.append([psnr(back_project(raw, lr, grid, step), hr) for step in steps])
@@ -203,3 +239,5 @@ def test_sweep_script_picks_a_step_per_scale_from_the_mean_over_volumes(tmp_path
                        "--scales", "2", "3", "--steps", "0", "0.5", "1"]) == 0
     out = capsys.readouterr().out
     assert "best step: 0.5" in out and "best step per scale: x2 1, x3 0" in out
+    schedule = out.split("as ModelConfig.consistency: ")[1].splitlines()[0]
+    assert ModelConfig(consistency=ast.literal_eval(schedule)).consistency == ((2.0, 1.0), (3.0, 0.0))

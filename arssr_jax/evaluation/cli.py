@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed ArSSR models the [0, 1] inputs as they are (the reference's released weights); "
                    "by default they normalise their input as arssr-jax upsample does")
     p.add_argument("--consistency", type=float, default=None, metavar="STEP",
-                   help="override the ArSSR models' data-consistency step, 0 to 1 (default: each model's own)")
+                   help="override the ArSSR models' data-consistency step, 0 to 1, at every scale (default: each model's own)")
     p.add_argument("--figure-volume", type=int, default=0, help="index of the volume shown in the figures (0)")
     p.add_argument("--figure-scale", type=float, default=None, help="scale shown in the figures (largest)")
     p.add_argument("--no-figures", action="store_true")

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from arssr_jax.consistency import checked_schedule
 from arssr_jax.models.conv import CONV_IMPL_CHOICES
 from arssr_jax.models.decoder import Decoder
 from arssr_jax.models.encoders import ENCODERS
@@ -43,8 +44,9 @@ class ModelConfig:
     conv_impl: str = "auto"
     # Whole-volume inference only (arssr_jax.consistency): after decoding, move the output
     # this fraction of the way towards agreeing with its input (0: the network's output as
-    # it is, as the reference; 1: full agreement). Point queries (decode) ignore it.
-    consistency: float = 0.0
+    # it is, as the reference; 1: full agreement), or a step per scale as (scale, step)
+    # pairs, linear in between. Point queries (decode) ignore it.
+    consistency: float | tuple = 0.0
 
     def __post_init__(self):
         options = self.encoder_options
@@ -63,10 +65,7 @@ class ModelConfig:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
         if self.residual not in RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
-        if isinstance(self.consistency, bool) or not isinstance(self.consistency, numbers.Real) or not (
-                0.0 <= self.consistency <= 1.0):
-            raise ValueError(f"consistency must be a number from 0 to 1, got {self.consistency!r:.40}")
-        object.__setattr__(self, "consistency", float(self.consistency))
+        object.__setattr__(self, "consistency", checked_schedule(self.consistency))
         if not isinstance(self.conv_impl, str) or self.conv_impl not in CONV_IMPL_CHOICES:
             raise ValueError(f"conv_impl must be one of {CONV_IMPL_CHOICES}, got {self.conv_impl!r:.40}")
 

@@ -33,10 +33,11 @@ def get_config():
             padding="border",
             # Predict a correction to the input's tricubic interpolant, scaled by local contrast.
             residual="tricubic",
-            # After decoding a whole volume, remove half of the output's disagreement with its
-            # input (arssr_jax.consistency); chosen on the training volumes by
-            # eval/consistency_sweep.py, applied by inference only (training never sees it).
-            consistency=0.5,
+            # After decoding a whole volume, remove part of the output's disagreement with its
+            # input (arssr_jax.consistency): 0.75 at x2, 0.5 at x2.5, 0.25 from x3 (linear in
+            # between), the best step at each scale on the training volumes
+            # (eval/consistency_sweep.py); applied by inference only (training never sees it).
+            consistency=((2.0, 0.75), (3.0, 0.25)),
         ),
         data=DataConfig(
             paths=("data/train",), patch_size=40, lr_size=10, scale_min=2.0, scale_max=4.0,
