@@ -98,6 +98,8 @@ def test_configs_round_trip_and_load(tmp_path):
     assert config_differences(tiny(), tiny().replace(steps=9, seed=1)) == ["seed"]
     other_conv = tiny().replace(model=tiny().model.replace(conv_impl="lax"))
     assert config_differences(tiny(), other_conv) == []  # no parameter changes: resumable elsewhere
+    other_step = tiny().replace(model=tiny().model.replace(consistency=((2, 1.0), (4, 0.5))))
+    assert config_differences(tiny(), other_step) == []  # inference only: a run resumes with a new step
     assert config_differences(paper(), paper().replace(data=dataclasses.replace(paper().data, worker_count=0, prefetch=1))) == []
     assert config_differences(tiny(), other_conv.replace(model=other_conv.model.replace(feature_dim=5))) == ["model.feature_dim"]
 
