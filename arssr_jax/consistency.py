@@ -71,31 +71,6 @@ def step_at(schedule, scale: float) -> float:
     return float(np.interp(scale, scales, steps))
 
 
-def checked_schedule(schedule):
-    """A number from 0 to 1 as a float, or (scale, step) pairs (a sequence or a {scale: step}
-    mapping) as a tuple of float pairs sorted by scale; ValueError naming the fault otherwise."""
-    if _is_step(schedule):
-        return float(schedule)
-    pairs = schedule.items() if isinstance(schedule, dict) else schedule
-    try:
-        pairs = [(scale, step) for scale, step in pairs]
-    except (TypeError, ValueError):  # not a sequence of pairs
-        pairs = []
-    if not (pairs and all(_is_scale(scale) and _is_step(step) for scale, step in pairs)
-            and len({float(scale) for scale, _ in pairs}) == len(pairs)):
-        raise ValueError(f"consistency must be a number from 0 to 1, or (scale, step) pairs with distinct "
-                         f"scales of at least 1 and steps from 0 to 1; got {schedule!r:.60}")
-    return tuple(sorted((float(scale), float(step)) for scale, step in pairs))
-
-
-def _is_step(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 0.0 <= value <= 1.0
-
-
-def _is_scale(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 1.0 <= value < float("inf")
-
-
 def is_super_resolution(grid: TargetGrid) -> bool:
     """The grid spans three dimensions and steps at most one LR voxel along each of its axes."""
     linear = np.asarray(grid.index_map, np.float64)[:3, :3]

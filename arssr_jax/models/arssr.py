@@ -11,7 +11,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from arssr_jax.consistency import checked_schedule
 from arssr_jax.models.conv import CONV_IMPL_CHOICES
 from arssr_jax.models.decoder import Decoder
 from arssr_jax.models.encoders import ENCODERS
@@ -65,7 +64,7 @@ class ModelConfig:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
         if self.residual not in RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
-        object.__setattr__(self, "consistency", checked_schedule(self.consistency))
+        object.__setattr__(self, "consistency", _checked_consistency(self.consistency))
         if not isinstance(self.conv_impl, str) or self.conv_impl not in CONV_IMPL_CHOICES:
             raise ValueError(f"conv_impl must be one of {CONV_IMPL_CHOICES}, got {self.conv_impl!r:.40}")
 
@@ -93,6 +92,33 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _checked_consistency(schedule):
+    """``consistency`` (arssr_jax.consistency): a number from 0 to 1 as a float, or (scale, step)
+    pairs (a sequence or a {scale: step} mapping) as a tuple of float pairs sorted by scale;
+    ValueError naming the fault otherwise. Here, not beside back_project, so that building a
+    config does not load scipy."""
+    if _is_step(schedule):
+        return float(schedule)
+    pairs = schedule.items() if isinstance(schedule, dict) else schedule
+    try:
+        pairs = [(scale, step) for scale, step in pairs]
+    except (TypeError, ValueError):  # not a sequence of pairs
+        pairs = []
+    if not (pairs and all(_is_scale(scale) and _is_step(step) for scale, step in pairs)
+            and len({float(scale) for scale, _ in pairs}) == len(pairs)):
+        raise ValueError(f"consistency must be a number from 0 to 1, or (scale, step) pairs with distinct "
+                         f"scales of at least 1 and steps from 0 to 1; got {schedule!r:.60}")
+    return tuple(sorted((float(scale), float(step)) for scale, step in pairs))
+
+
+def _is_step(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 0.0 <= value <= 1.0
+
+
+def _is_scale(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 1.0 <= value < float("inf")
 
 
 # Sizes a config may ask for: beyond these a config is damaged or hostile (a model of
