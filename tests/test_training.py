@@ -240,3 +240,43 @@ def test_user_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArSSRError, match="is a file"):
         train(tiny(data_paths=(ANATOMICAL,)), tmp_path / "file", steps=1, quiet=True)
+
+
+def test_init_from_starts_at_the_loaded_model_and_refuses_one_that_does_not_fit(tmp_path):
+    """A fine-tuning run starts from the named model's parameters (not its own seed's), with
+    fresh Adam moments; a model of another shape, or init_output beside it, is refused
+    before the workdir exists."""
+    config = tiny(data_paths=(ANATOMICAL,))
+    train(config, tmp_path / "first", steps=2, quiet=True)
+    _, first = load_inference_params(tmp_path / "first")
+
+    # learning rate ~0: after one step the parameters are still the loaded ones
+    still = config.replace(init_from=str(tmp_path / "first"), init_output=None, seed=7,
+                           optim=dataclasses.replace(config.optim, learning_rate=1e-12))
+    train(still, tmp_path / "second", steps=1, quiet=True)
+    _, second = load_inference_params(tmp_path / "second")
+    for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second)):
+        np.testing.assert_allclose(a, b, atol=1e-9)
+    assert load_config(tmp_path / "second" / "train_config.json").init_from == str(tmp_path / "first")
+    # resuming needs only the checkpoints: the model it started from may be gone by then
+    (tmp_path / "first").rename(tmp_path / "moved")
+    assert train(still, tmp_path / "second", steps=2, quiet=True).step == 2
+    (tmp_path / "moved").rename(tmp_path / "first")
+    train(still.replace(init_from=None, init_output=0.5), tmp_path / "own", steps=1, quiet=True)
+    _, own = load_inference_params(tmp_path / "own")
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(own)))
+
+    wider = still.replace(model=dataclasses.replace(still.model, feature_dim=still.model.feature_dim * 2))
+    with pytest.raises(ArSSRError, match=r"init_from=.*set model to the loaded model's config"):
+        train(wider, tmp_path / "wider", steps=1, quiet=True)
+    with pytest.raises(ArSSRError, match="init_output"):
+        train(still.replace(init_output=0.5), tmp_path / "both", steps=1, quiet=True)
+    assert not (tmp_path / "wider").exists() and not (tmp_path / "both").exists()
+
+    # the CLI's --init-from: the config's init_output (0.5 in tiny) gives way to the loaded layer
+    path = tmp_path / "tiny.json"
+    path.write_text(config.to_json())
+    _cli(["train", "--config", str(path), "--workdir", str(tmp_path / "cli"), "--steps", "1",
+          "--init-from", str(tmp_path / "first"), "--quiet"])
+    saved = load_config(tmp_path / "cli" / "train_config.json")
+    assert (saved.init_from, saved.init_output) == (str(tmp_path / "first"), None)

@@ -31,6 +31,10 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--baseline-options", default=None, metavar="JSON",
                         help='the baseline module\'s options, e.g. \'{"filters": [32, 16]}\' (with --baseline)')
     parser.add_argument("--steps", type=int, default=None, help="total steps (overrides the config's epochs)")
+    parser.add_argument("--init-from", default=None, metavar="MODEL",
+                        help="fine-tune: start from this model's parameters (a model directory, training workdir or "
+                        "shipped name, e.g. default) instead of a random initialisation; the config's model must be "
+                        "its architecture (for the shipped default: --config train/configs/default_model.py)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or console lines")
     group = parser.add_argument_group(
         "multi-process (one command per process)",
@@ -73,6 +77,8 @@ def run(args) -> None:
         config = config.with_data_paths(tuple(args.data))
     if args.val_data:
         config = config.with_val_paths(tuple(args.val_data))
+    if args.init_from:  # the loaded last layer is kept, not reset to init_output
+        config = config.replace(init_from=args.init_from, init_output=None)
     train(config, args.workdir, steps=args.steps, quiet=args.quiet)
 
 

@@ -131,6 +131,11 @@ class TrainConfig:
                     last-layer weights, the final ReLU is closed for every input about half
                     the time: the non-negative hidden activations make the output's sign
                     nearly constant, and such a model never trains.)
+    init_from:      None starts from ``seed``'s random initialisation; a model directory,
+                    training workdir or shipped name starts from that model's parameters,
+                    with fresh Adam moments at step 0 (fine-tuning: a released model on your
+                    own scans, or a second stage under another recipe). Its parameters must
+                    fit ``model`` and its ``residual`` must match (ArSSR only).
     """
 
     name: str = "custom"
@@ -148,6 +153,7 @@ class TrainConfig:
     loss: str = "l1"
     loss_balance: float = 0.0
     ssim_weight: float = 0.0
+    init_from: Optional[str] = None
 
     # -- derived quantities ----------------------------------------------------
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -186,6 +192,12 @@ class TrainConfig:
         if self.ssim_weight and (self.baseline is not None or self.data.sample_cube < 2):
             raise ArSSRError(f"ssim_weight={self.ssim_weight!r} needs ArSSR targets drawn in cubes: set "
                              "data.sample_cube >= 2 (e.g. 5 with samples_per_step 4000), or ssim_weight=0")
+        if self.init_from is not None:
+            if self.baseline is not None:
+                raise ArSSRError(f"init_from={self.init_from!r} starts an ArSSR model; a baseline run cannot use it")
+            if self.init_output is not None:
+                raise ArSSRError(f"init_from={self.init_from!r} with init_output={self.init_output!r}: the "
+                                 "latter would overwrite the loaded last layer; set init_output=None")
         # the data as the task's examples need it (ArSSR: K points per patch; a baseline: one scale)
         (make_sample if self.baseline is None else make_tricubic_pair).validate(self.data)
         o = self.optim

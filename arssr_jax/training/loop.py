@@ -45,7 +45,7 @@ from arssr_jax.training.checkpoints import CHECKPOINT_DIR, CheckpointStore
 from arssr_jax.training.config import CONFIG_FILE, TrainConfig, config_differences, load_config, save_config
 from arssr_jax.training.events import EventLog
 from arssr_jax.training.lock import WorkdirLock
-from arssr_jax.training.state import create_train_state, make_optimizer
+from arssr_jax.training.state import create_train_state, make_optimizer, start_from
 from arssr_jax.training.step import make_train_step
 from arssr_jax.training.tasks import make_task
 
@@ -238,6 +238,8 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
     validator = build_validator(config, task, train_volumes, val_volumes)
     tx, schedule = make_optimizer(config.optim, steps_per_epoch)
     state = create_train_state(task.init_params, tx, config.seed)
+    if config.init_from is not None and not _has_checkpoints(Path(workdir)):  # a resumed run needs no init model
+        state = start_from(state, starting_params(config, state.params), tx)
 
     workdir, lock = prepare_workdir(config, workdir)
     store = log = iterator = None
@@ -267,6 +269,26 @@ def train(config: TrainConfig, workdir, *, steps: Optional[int] = None, volumes=
             store.close()
         if lock is not None:
             lock.release()
+
+
+def starting_params(config: TrainConfig, fresh):
+    """The parameters of the model ``config.init_from`` names, checked against the run's own
+    (``fresh``, its random initialisation): same tree, same shapes, same residual mode."""
+    from arssr_jax.weights import load_model  # the weights package reads workdirs: imported late
+    from arssr_jax.weights.params import tree_shapes
+
+    _, params, loaded = load_model(config.init_from)
+    source = f"init_from={config.init_from!r}"
+    if loaded.residual != config.model.residual:
+        raise ArSSRError(f"{source} has residual={loaded.residual!r} but the run's model has "
+                         f"residual={config.model.residual!r}; set model to the loaded model's config")
+    want, have = tree_shapes(fresh), tree_shapes(params)
+    if want != have:
+        differing = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))[0]
+        raise ArSSRError(f"{source}: its parameter {differing} has shape {have.get(differing)}, the run's model "
+                         f"{want.get(differing)}; set model to the loaded model's config "
+                         f"({loaded.encoder}, feature_dim {loaded.feature_dim})")
+    return params
 
 
 def _restore(store: CheckpointStore, state, workdir):

@@ -73,6 +73,13 @@ def create_train_state(init_params: Callable, tx: optax.GradientTransformation, 
     return jax.jit(build).lower(key).compile(options)(key)
 
 
+def start_from(state: TrainState, params, tx: optax.GradientTransformation) -> TrainState:
+    """``state`` with ``params`` (a trained model's, of the same tree and shapes) in place of
+    its initialisation, and Adam moments at zero for them: a fine-tuning run's step 0."""
+    params = jax.tree_util.tree_map(lambda fresh, loaded: jnp.asarray(loaded, fresh.dtype), state.params, params)
+    return state.replace(params=params, opt_state=tx.init(params))
+
+
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
