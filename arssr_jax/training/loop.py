@@ -275,19 +275,15 @@ def starting_params(config: TrainConfig, fresh):
     """The parameters of the model ``config.init_from`` names, checked against the run's own
     (``fresh``, its random initialisation): same tree, same shapes, same residual mode."""
     from arssr_jax.weights import load_model  # the weights package reads workdirs: imported late
-    from arssr_jax.weights.params import tree_shapes
+    from arssr_jax.weights.params import check_shapes, tree_shapes
 
     _, params, loaded = load_model(config.init_from)
     source = f"init_from={config.init_from!r}"
+    fix = f"set model to the loaded model's config ({loaded.encoder}, feature_dim {loaded.feature_dim})"
     if loaded.residual != config.model.residual:
         raise ArSSRError(f"{source} has residual={loaded.residual!r} but the run's model has "
-                         f"residual={config.model.residual!r}; set model to the loaded model's config")
-    want, have = tree_shapes(fresh), tree_shapes(params)
-    if want != have:
-        differing = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))[0]
-        raise ArSSRError(f"{source}: its parameter {differing} has shape {have.get(differing)}, the run's model "
-                         f"{want.get(differing)}; set model to the loaded model's config "
-                         f"({loaded.encoder}, feature_dim {loaded.feature_dim})")
+                         f"residual={config.model.residual!r}; {fix}")
+    check_shapes(tree_shapes(fresh), params, source, what="the run's model", fix=fix)
     return params
 
 

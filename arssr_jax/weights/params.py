@@ -32,9 +32,10 @@ def tree_shapes(tree) -> dict:
     return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def check_shapes(want: dict, params, source: str, what: str = "its config") -> None:
-    """Raise ArSSRError naming the first difference between ``params`` and the shapes ``want``,
-    or the first parameter holding NaN/Inf."""
+def check_shapes(want: dict, params, source: str, what: str = "its config",
+                 fix: str = "the model files are inconsistent") -> None:
+    """Raise ArSSRError naming the first difference between ``params`` and the shapes ``want``
+    (and ``fix``, what to do about it), or the first parameter holding NaN/Inf."""
     have = tree_shapes(params)
     if want != have:
         missing = sorted(set(want) - set(have))
@@ -45,7 +46,7 @@ def check_shapes(want: dict, params, source: str, what: str = "its config") -> N
             detail = f"{wrong[0]} has shape {have[wrong[0]]}, expected {want[wrong[0]]}"
         else:
             detail = f"unexpected {sorted(set(have) - set(want))[0]}"
-        raise ArSSRError(f"parameters in {source} do not fit {what} ({detail}); the model files are inconsistent")
+        raise ArSSRError(f"parameters in {source} do not fit {what} ({detail}); {fix}")
     check_finite(params, source)
 
 
