@@ -52,8 +52,9 @@ def get_config():
         # sources are kept for the final evaluation only, never for choosing checkpoints.
         val=ValidationConfig(paths=("data/train",), scales=(2.0, 3.0, 4.0), patches_per_volume=2,
                              every_epochs=5.0, chunk=16384, seed=7),
-        # 6000 steps (about 65 min; 4000 with decay every 9 epochs gave 0.1-0.2 dB less and a worse
-        # MNI152 rim on the held-out sources; 8000 with decay every 18 gained PSNR on the templates
+        # 6000 steps (65 min at 18.7 samples/s, 95-110 min on slower 2-core hosts; 4000 with
+        # decay every 9 epochs gave 0.1-0.2 dB less and a worse MNI152 rim on the held-out
+        # sources; 8000 with decay every 18 gained PSNR on the templates
         # but lost SSIM on the noisy 2 mm scan and widened MNI152's rim at x2.5; all within the
         # spread between seeds, see the README's model card).
         # Interrupt and rerun the same command to resume.
