@@ -51,7 +51,8 @@ def _upsample(args) -> None:
         from arssr_jax.inference import upsample_nifti
 
         result = upsample_nifti(args.paths[0], args.paths[1], args.model, padding=args.padding,
-                                consistency=args.consistency, progress=not args.quiet, **options)
+                                consistency=args.consistency, dim_damping=args.dim_damping,
+                                progress=not args.quiet, **options)
         if not args.quiet:
             print(f"wrote {args.paths[1]}: {_describe(result)}")
         return
@@ -124,7 +125,8 @@ def _upsample_many(args, jobs, options) -> None:
     from arssr_jax.inference import Upsampler
     from arssr_jax.progress import progress_bar
 
-    upsampler = Upsampler(args.model, padding=args.padding, consistency=args.consistency)  # a bad --model fails once
+    upsampler = Upsampler(args.model, padding=args.padding, consistency=args.consistency,  # a bad --model fails once
+                          dim_damping=args.dim_damping)
     failed = 0
     bar = progress_bar(jobs, desc="upsample", unit="scan", enabled=not args.quiet)
 
@@ -194,6 +196,9 @@ def _add_upsample(commands) -> None:
                     help="after decoding, remove this fraction (0 to 1) of the output's disagreement with the input, "
                     "at every scale (default: the model's own, which may depend on the scale; 0 = the network's "
                     "output as it is; 1 suits an acquired input, whose voxels average the tissue)")
+    up.add_argument("--dim-damping", type=float, default=None, metavar="D",
+                    help="keep only 1 - D of the network's correction where the input is dim (its dim_band; "
+                    "default: the model's own, 0.8 for the shipped model; 0 = the network's correction as it is)")
     up.add_argument("--chunk", type=int, default=None, help="at most this many HR voxels decoded per call (default 65536 on CPU, 2^20 on GPU)")
     up.add_argument("--tile", type=int, default=None, help="encoder tile core size in LR voxels (default: from free memory)")
     up.add_argument("--volume-index", type=int, default=None, metavar="I", help="volume of a 4D input to use")

@@ -160,16 +160,22 @@ def _store(out, start, values, total):
 # --------------------------------------------------------------------------- the main job
 
 
-def resolve_model(model, padding=None):
-    """(ArSSR module, params) from a spec (None = shipped default, a directory, a name) or a pair."""
+def resolve_model(model, padding=None, dim_damping=None):
+    """(ArSSR module, params) from a spec (None = shipped default, a directory, a name) or a pair;
+    ``padding`` and ``dim_damping`` override the model's own (None: keep it)."""
     if isinstance(model, tuple) and len(model) == 2:
         module, params = model
     else:
         from arssr_jax.weights import load_model
 
         module, params, _ = load_model(model)
-    if padding is not None and padding != module.config.padding:
-        module = ArSSR(module.config.replace(padding=padding))
+    changes = {name: value for name, value in (("padding", padding), ("dim_damping", dim_damping))
+               if value is not None and value != getattr(module.config, name)}
+    if changes:
+        try:
+            module = ArSSR(module.config.replace(**changes))
+        except ValueError as error:
+            raise ArSSRError(str(error)) from None
     return module, params
 
 
@@ -239,6 +245,7 @@ def upsample(
     normalize=True,
     padding=None,
     consistency=None,
+    dim_damping=None,
     chunk=None,
     tile=None,
     progress=False,
@@ -256,11 +263,12 @@ def upsample(
     training volumes get) and restore its scale on output (off: intensities are fed as they are).
     ``consistency``: the fraction of the output's disagreement with the input removed after
     decoding, or (scale, step) pairs (:mod:`arssr_jax.consistency`; default: the model's own,
-    0 for converted weights).
+    0 for converted weights). ``dim_damping``: override the model's damping of the network's
+    correction in dim voxels (``ModelConfig.dim_damping``; 0: the correction as it is).
     """
     volume = _checked_input(volume)
     grid = target_grid(volume.shape, scale=scale, shape=shape, voxel_size=voxel_size, lr_voxel_size=lr_voxel_size, grid=grid)
-    module, params = resolve_model(model, padding)
+    module, params = resolve_model(model, padding, dim_damping)
     step = consistency_step(consistency_schedule(module.config, consistency), grid)
     copies = OUTPUT_COPIES if step else 1
     check_fits_in_memory(volume.shape, grid, module.config, output_copies=copies)
@@ -317,12 +325,13 @@ class Upsampler:
     up.nifti("a.nii.gz", "a_sr.nii.gz", scale=2)   # files, as :func:`upsample_nifti`
     ```
 
-    ``padding`` and ``consistency`` override the model's own; ``normalize``, ``chunk`` and
-    ``tile`` set defaults that a call may override.
+    ``padding``, ``consistency`` and ``dim_damping`` override the model's own; ``normalize``,
+    ``chunk`` and ``tile`` set defaults that a call may override.
     """
 
-    def __init__(self, model=None, *, padding=None, consistency=None, normalize=True, chunk=None, tile=None):
-        module, params = resolve_model(model, padding)
+    def __init__(self, model=None, *, padding=None, consistency=None, dim_damping=None, normalize=True, chunk=None,
+                 tile=None):
+        module, params = resolve_model(model, padding, dim_damping)
         self.consistency = consistency_schedule(module.config, consistency)
         # On the device once, not converted again for every call.
         self.module, self.params = module, jax.device_put(params) if params is not None else None
@@ -364,6 +373,7 @@ def upsample_nifti(
     normalize=True,
     padding=None,
     consistency=None,
+    dim_damping=None,
     chunk=None,
     tile=None,
     progress=False,
@@ -391,8 +401,8 @@ def upsample_nifti(
     else:
         grid = grids.grid_for_voxel_size(lr.shape, lr.voxel_size, voxel_size)
     hr = upsample(
-        lr.data, model, grid=grid, normalize=normalize, padding=padding, consistency=consistency, chunk=chunk,
-        tile=tile, progress=progress
+        lr.data, model, grid=grid, normalize=normalize, padding=padding, consistency=consistency,
+        dim_damping=dim_damping, chunk=chunk, tile=tile, progress=progress
     )
     result = nifti.Volume(hr, grid.affine(lr.affine), lr.header)
     nifti.save(result, out_path, like_header=lr.header, description=nifti.output_description(lr.header))

@@ -130,6 +130,79 @@ def test_unknown_residual_mode_is_refused():
         ModelConfig(residual="trilinear")
 
 
+def test_dim_damping_shrinks_the_correction_inside_the_band_and_nowhere_else():
+    """Closed form: damped = tricubic + (1 - damping * w) * (undamped - tricubic), with w the
+    band's trapezoid at the tricubic value (numpy's interp here, not the library's formula)."""
+    band, damping = (0.2, 0.35, 0.5, 0.7), 0.6
+    model = build_model(TINY_RESIDUAL)
+    params = init_params(model, jax.random.key(6))
+    volume = np.random.default_rng(14).random((10, 11, 9)).astype(np.float32)
+    damped_model = build_model(TINY_RESIDUAL.replace(dim_damping=damping, dim_band=band))
+    undamped, damped = (upsample(volume, (m, params), scale=2, normalize=False) for m in (model, damped_model))
+    base = upsample(volume, (model, set_output_layer(params, 0.0)), scale=2, normalize=False)
+    weight = np.interp(base, band, (0.0, 1.0, 1.0, 0.0))
+    np.testing.assert_allclose(damped, base + (1 - damping * weight) * (undamped - base), atol=2e-6)
+    inside, outside = weight == 1.0, weight == 0.0
+    assert inside.sum() > 100 and outside.sum() > 100  # the random volume covers both
+    np.testing.assert_allclose(damped[outside], undamped[outside], atol=1e-6)
+    assert np.abs(undamped - base)[inside].max() > 1e-3  # there was a correction to damp
+    # A run's override: the undamped model damped for one call, and the damped one undamped.
+    np.testing.assert_array_equal(upsample(volume, (model, params), scale=2, normalize=False, dim_damping=damping),
+                                  upsample(volume, (build_model(TINY_RESIDUAL.replace(dim_damping=damping)), params),
+                                           scale=2, normalize=False))
+    np.testing.assert_array_equal(upsample(volume, (damped_model, params), scale=2, normalize=False, dim_damping=0.0),
+                                  undamped)
+
+
+def test_cli_dim_damping_overrides_the_shipped_models_and_refuses_a_bad_value_before_writing(tmp_path, capsys):
+    import nibabel
+
+    from arssr_jax.cli import main
+
+    volume = np.random.default_rng(15).random((9, 8, 7)).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), tmp_path / "lr.nii.gz")
+    outputs = {}
+    for damping in ("0", None):
+        out = tmp_path / f"sr_{damping}.nii.gz"
+        assert main(["upsample", str(tmp_path / "lr.nii.gz"), str(out), "--scale", "2", "--quiet"]
+                    + (["--dim-damping", damping] if damping else [])) == 0
+        outputs[damping] = nibabel.load(out).get_fdata()
+    np.testing.assert_allclose(outputs["0"], upsample(volume, scale=2, dim_damping=0.0), atol=1e-6)
+    np.testing.assert_allclose(outputs[None], upsample(volume, scale=2), atol=1e-6)
+    assert np.abs(outputs["0"] - outputs[None]).max() > 1e-4  # the shipped model damps by default
+    bad = tmp_path / "bad.nii.gz"
+    assert main(["upsample", str(tmp_path / "lr.nii.gz"), str(bad), "--scale", "2", "--dim-damping", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dim_damping must be a number from 0 to 1" in err and "\n" not in err and not bad.exists()
+
+
+def test_dim_damping_is_saved_restored_refused_when_bad_and_never_trained(tmp_path):
+    import json
+
+    from arssr_jax.training.config import TrainConfig, config_differences
+    from arssr_jax.training.tasks import make_task
+
+    config = TINY_RESIDUAL.replace(dim_damping=0.8, dim_band=[0.05, 0.1, 0.2, 0.25])
+    assert config.dim_band == (0.05, 0.1, 0.2, 0.25)  # a JSON list becomes a tuple
+    model, params = _zero_output_model(config)
+    save_model(tmp_path / "m", config, params)
+    assert load_model(tmp_path / "m")[2] == config
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["model"]
+    del saved["dim_damping"], saved["dim_band"]  # a model saved before the option: no damping
+    assert ModelConfig.from_dict(saved).dim_damping == 0.0
+    for bad in ({"dim_damping": 1.5}, {"dim_damping": -0.1}, {"dim_damping": True}, {"dim_damping": "0.8"},
+                {"dim_band": (0.1, 0.2, 0.3)}, {"dim_band": (0.2, 0.1, 0.3, 0.4)}, {"dim_band": (0.1, 0.2, 0.3, 0.3)},
+                {"dim_band": (0.0, 0.1, float("nan"), 0.3)}, {"dim_band": "0.1"}):
+        with pytest.raises(ValueError, match="dim_"):
+            TINY_RESIDUAL.replace(**bad)
+    with pytest.raises(ValueError, match="residual='none'"):
+        TINY_RESIDUAL.replace(residual="none", dim_damping=0.5)
+    # Training fits the network's own correction; changing the damping later resumes the run.
+    train = TrainConfig(model=config, init_output=0.0, loss="l2")
+    assert make_task(train).model.config.dim_damping == 0.0
+    assert config_differences(train, train.replace(model=TINY_RESIDUAL)) == []
+
+
 # --------------------------------------------------------------------------- normalisation
 
 

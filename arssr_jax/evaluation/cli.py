@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "by default they normalise their input as arssr-jax upsample does")
     p.add_argument("--consistency", type=float, default=None, metavar="STEP",
                    help="override the ArSSR models' data-consistency step, 0 to 1, at every scale (default: each model's own)")
+    p.add_argument("--dim-damping", type=float, default=None, metavar="D",
+                   help="override the ArSSR models' damping of the network's correction in dim voxels, 0 to 1 "
+                   "(default: each model's own; 0 = the network's correction as it is)")
     p.add_argument("--figure-volume", type=int, default=0, help="index of the volume shown in the figures (0)")
     p.add_argument("--figure-scale", type=float, default=None, help="scale shown in the figures (largest)")
     p.add_argument("--no-figures", action="store_true")
@@ -125,7 +128,8 @@ def run_evaluation(args) -> list[Path]:
     models = [runners.interpolation_runner("nearest")] if args.nearest else []
     models.append(runners.interpolation_runner("tricubic"))
     models += [runners.baseline_runner(spec, tile=args.tile) for spec in args.baseline]
-    models += [runners.arssr_runner(spec, normalize=not args.no_normalize, consistency=args.consistency) for spec in args.arssr]
+    models += [runners.arssr_runner(spec, normalize=not args.no_normalize, consistency=args.consistency,
+                                   dim_damping=args.dim_damping) for spec in args.arssr]
     runners.unique_labels(models)
 
     items = [(f, functools.partial(load_min_max, f)) for f in files]  # each loaded at its turn

@@ -67,10 +67,10 @@ def baseline_runner(spec: str, tile: int = 64) -> Runner:
     return Runner(label, "baseline", fn, scale=float(document["scale"]), info=info)
 
 
-def arssr_runner(spec, tile=None, chunk=None, normalize=True, consistency=None) -> Runner:
+def arssr_runner(spec, tile=None, chunk=None, normalize=True, consistency=None, dim_damping=None) -> Runner:
     """``[LABEL=]DIR_OR_NAME`` or a (module, params) pair; the label defaults to ArSSR-<encoder>.
-    ``consistency``: override the model's own data-consistency step (None: keep it)."""
-    from arssr_jax.inference import consistency_schedule, upsample
+    ``consistency``, ``dim_damping``: override the model's own (None: keep it)."""
+    from arssr_jax.inference import consistency_schedule, resolve_model, upsample
     from arssr_jax.weights import load_model
 
     if isinstance(spec, tuple):
@@ -80,7 +80,8 @@ def arssr_runner(spec, tile=None, chunk=None, normalize=True, consistency=None) 
         label, source = _split(str(spec), "=")
         module, params, _ = load_model(source)
     label = label or f"ArSSR-{module.config.encoder}"
-    pair, schedule = (module, params), consistency_schedule(module.config, consistency)  # a bad step fails before any work
+    pair = resolve_model((module, params), dim_damping=dim_damping)  # a bad value fails before any work
+    schedule = consistency_schedule(module.config, consistency)
     fn = lambda lr, shape: upsample(lr, pair, shape=shape, normalize=normalize, consistency=schedule, tile=tile,
                                     chunk=chunk)
     return Runner(label, "arssr", fn, info={"source": str(source), "encoder": module.config.encoder})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from typing import Any
 
@@ -46,6 +47,14 @@ class ModelConfig:
     # it is, as the reference; 1: full agreement), or a step per scale as (scale, step)
     # pairs, linear in between. Point queries (decode) ignore it.
     consistency: float | tuple = 0.0
+    # Residual mode, inference only (training never sees it): scale the network's correction
+    # by 1 - dim_damping where the input's tricubic value (in its normalised units) lies in
+    # the dim band, fading to no damping across its edges. dim_band = (a, b, c, d): full
+    # damping from b to c, none below a or above d, linear in between. There the LR cannot
+    # tell a soft rim (a template's mask edge, dim CSF) from a sharp edge to background, and
+    # the network sharpens both. 0: off (the network's correction as it is).
+    dim_damping: float = 0.0
+    dim_band: tuple = (0.07, 0.1, 0.2, 0.23)
 
     def __post_init__(self):
         options = self.encoder_options
@@ -65,6 +74,7 @@ class ModelConfig:
         if self.residual not in RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
         object.__setattr__(self, "consistency", _checked_consistency(self.consistency))
+        _check_dim_damping(self)
         if not isinstance(self.conv_impl, str) or self.conv_impl not in CONV_IMPL_CHOICES:
             raise ValueError(f"conv_impl must be one of {CONV_IMPL_CHOICES}, got {self.conv_impl!r:.40}")
 
@@ -111,6 +121,32 @@ def _checked_consistency(schedule):
         raise ValueError(f"consistency must be a number from 0 to 1, or (scale, step) pairs with distinct "
                          f"scales of at least 1 and steps from 0 to 1; got {schedule!r:.60}")
     return tuple(sorted((float(scale), float(step)) for scale, step in pairs))
+
+
+def _check_dim_damping(config: "ModelConfig") -> None:
+    """``dim_damping`` a number from 0 to 1 (above 0 only in residual mode); ``dim_band`` four
+    increasing finite numbers, as floats (a JSON list becomes a tuple)."""
+    if not _is_step(config.dim_damping):
+        raise ValueError(f"dim_damping must be a number from 0 to 1, got {config.dim_damping!r:.40}")
+    if config.dim_damping and config.residual != "tricubic":
+        raise ValueError("dim_damping damps the correction of a model with residual='tricubic'; this one predicts "
+                         "intensities directly (residual='none'): use dim_damping 0")
+    band = config.dim_band
+    try:
+        points = [float(x) for x in band if not isinstance(x, bool)]
+    except (TypeError, ValueError):
+        points = []
+    ordered = len(points) == 4 and len(band) == 4 and all(math.isfinite(x) for x in points)
+    if not (ordered and points[0] < points[1] <= points[2] < points[3]):
+        raise ValueError(f"dim_band must be four finite numbers a < b <= c < d, got {band!r:.60}")
+    object.__setattr__(config, "dim_damping", float(config.dim_damping))
+    object.__setattr__(config, "dim_band", tuple(points))
+
+
+def band_weight(values, band):
+    """1 on [b, c] of ``band`` = (a, b, c, d), 0 outside (a, d), linear in between."""
+    a, b, c, d = band
+    return jnp.clip(jnp.minimum((values - a) / (b - a), (d - values) / (d - c)), 0.0, 1.0)
 
 
 def _is_step(value) -> bool:
@@ -162,7 +198,8 @@ class ArSSR(nn.Module):
     final ReLU. The model starts from interpolation (a zero last layer gives exactly
     tricubic), cannot erase what the input shows, adds nothing where the input is flat,
     never moves a value by more than the local contrast, and its correction scales with
-    that contrast, so it follows the input's intensity scale.
+    that contrast, so it follows the input's intensity scale. ``dim_damping`` shrinks the
+    correction towards tricubic where tricubic(p) lies in ``dim_band``.
     """
 
     config: ModelConfig = ModelConfig()
@@ -192,7 +229,10 @@ class ArSSR(nn.Module):
             return out
         base = sample_cubic_batched(features[..., f], coords)[..., None]
         contrast = sample_features_batched(features[..., f + 1 :], coords, "border")
-        return base + contrast * jnp.tanh(out)
+        correction = contrast * jnp.tanh(out)
+        if self.config.dim_damping:
+            correction = correction * (1.0 - self.config.dim_damping * band_weight(base, self.config.dim_band))
+        return base + correction
 
     def __call__(self, volume, coords):
         return self.decode(self.encode(volume), coords)

@@ -38,6 +38,11 @@ def get_config():
             # between), the best step at each scale on the training volumes
             # (eval/consistency_sweep.py); applied by inference only (training never sees it).
             consistency=((2.0, 0.75), (3.0, 0.25)),
+            # Where the input's tricubic value is 0.1-0.2 of its normalised range, keep only 20 %
+            # of the network's correction (fading to all of it at 0.07 and 0.23): there the LR
+            # cannot tell a soft rim from a sharp edge to background. Applied by inference only;
+            # chosen on two held-out sources (README model card), so they are not blind to it.
+            dim_damping=0.8, dim_band=(0.07, 0.1, 0.2, 0.23),
         ),
         data=DataConfig(
             paths=("data/train",), patch_size=40, lr_size=10, scale_min=2.0, scale_max=4.0,
