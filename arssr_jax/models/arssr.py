@@ -136,8 +136,8 @@ def _check_dim_damping(config: "ModelConfig") -> None:
         points = [float(x) for x in band if not isinstance(x, bool)]
     except (TypeError, ValueError):
         points = []
-    ordered = len(points) == 4 and len(band) == 4 and all(math.isfinite(x) for x in points)
-    if not (ordered and points[0] < points[1] <= points[2] < points[3]):
+    four_finite = len(points) == len(band) == 4 and all(math.isfinite(x) for x in points)
+    if not (four_finite and points[0] < points[1] <= points[2] < points[3]):
         raise ValueError(f"dim_band must be four finite numbers a < b <= c < d, got {band!r:.60}")
     object.__setattr__(config, "dim_damping", float(config.dim_damping))
     object.__setattr__(config, "dim_band", tuple(points))
