@@ -29,34 +29,35 @@ def _convert_torch(args) -> None:
 
 
 def _upsample(args) -> None:
+    from arssr_jax.options import InferenceOptions, schedule_from_words
+
     scale = _one_or_three(args.scale, "--scale")
     voxel_size = _one_or_three(args.voxel_size, "--voxel-size")
-    for flag, value, unit in (("--chunk", args.chunk, "HR voxels"), ("--tile", args.tile, "LR voxels")):
-        if value is not None and value < 1:
-            raise ArSSRError(f"{flag} must be a positive number of {unit}, got {value}; omit it for the default")
-    jobs = _upsample_jobs(args)  # before anything is loaded
+    overrides = dict(consistency=schedule_from_words(args.consistency), normalize=False if args.no_normalize else None,
+                     chunk=args.chunk, tile=args.tile)
+    InferenceOptions().replace(**overrides)  # every value checked before anything is loaded
+    jobs = _upsample_jobs(args)
     if scale is not None and not args.quiet:
         low = [s for s in (scale if isinstance(scale, tuple) else (scale,)) if 0 < s < 1]
         if low:
             print(f"arssr-jax upsample: note: --scale {min(low):g} is below 1, so the output is downsampled "
                   "(fewer voxels than the input)", file=sys.stderr)
-    options = dict(scale=scale, voxel_size=voxel_size, like=args.like, volume_index=args.volume_index,
-                   normalize=not args.no_normalize, chunk=args.chunk, tile=args.tile)
     if not args.overwrite:
         from arssr_jax.nifti import check_overwrite
 
-        for out_path in [args.paths[1]] if jobs is None else [out for _, out in jobs]:
+        for _, out_path in jobs or [args.paths]:
             check_overwrite(out_path)
-    if jobs is None:  # upsample IN OUT
-        from arssr_jax.inference import upsample_nifti
+    from arssr_jax.inference import Upsampler, like_grid
 
-        result = upsample_nifti(args.paths[0], args.paths[1], args.model, padding=args.padding,
-                                consistency=args.consistency, dim_damping=args.dim_damping,
-                                progress=not args.quiet, **options)
+    like = None if args.like is None else like_grid(args.like, [out for _, out in jobs or [args.paths]])
+    upsampler = Upsampler(args.model, padding=args.padding, **overrides)  # a bad --model fails once
+    target = dict(scale=scale, voxel_size=voxel_size, like=like, volume_index=args.volume_index)
+    if jobs is None:  # upsample IN OUT
+        result = upsampler.nifti(args.paths[0], args.paths[1], progress=not args.quiet, **target)
         if not args.quiet:
             print(f"wrote {args.paths[1]}: {_describe(result)}")
         return
-    _upsample_many(args, jobs, options)
+    _upsample_many(args, upsampler, jobs, target)
 
 
 def _describe(volume) -> str:
@@ -119,14 +120,11 @@ def _upsample_jobs(args):
     return jobs
 
 
-def _upsample_many(args, jobs, options) -> None:
+def _upsample_many(args, upsampler, jobs, target) -> None:
     """Upsample every (input, output) pair with one loaded model; a failed input is reported in one
     line and skipped; ArSSRError at the end if any failed (exit status 2)."""
-    from arssr_jax.inference import Upsampler
     from arssr_jax.progress import progress_bar
 
-    upsampler = Upsampler(args.model, padding=args.padding, consistency=args.consistency,  # a bad --model fails once
-                          dim_damping=args.dim_damping)
     failed = 0
     bar = progress_bar(jobs, desc="upsample", unit="scan", enabled=not args.quiet)
 
@@ -138,7 +136,7 @@ def _upsample_many(args, jobs, options) -> None:
 
     for in_path, out_path in bar:
         try:
-            result = upsampler.nifti(in_path, out_path, **options)
+            result = upsampler.nifti(in_path, out_path, **target)
         except ArSSRError as error:
             failed += 1
             named = str(error) if str(in_path) in str(error) else f"{in_path}: {error}"
@@ -166,9 +164,17 @@ def _one_or_three(values, flag):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _command(commands, name, run, help, description, quiet="no summary line", **parser_options):
+    """A subcommand that runs ``run(args)``, with its --quiet flag."""
+    parser = commands.add_parser(name, help=help, description=description, **parser_options)
+    parser.set_defaults(run=run)
+    parser.add_argument("--quiet", action="store_true", help=quiet)
+    return parser
+
+
 def _add_upsample(commands) -> None:
-    up = commands.add_parser(
-        "upsample", help="super-resolve NIfTI volumes at any scale, voxel size or onto another image's grid",
+    up = _command(
+        commands, "upsample", _upsample, quiet="no progress bars or summary lines", help="super-resolve NIfTI volumes at any scale, voxel size or onto another image's grid",
         usage="arssr-jax upsample IN OUT (--scale S | --voxel-size MM | --like REF) [options]\n"
         "       arssr-jax upsample IN [IN ...] --out-dir DIR [--pattern P] (--scale S | ...) [options]",
         description="Super-resolve IN onto a voxel-centre grid over its field of view and write OUT "
@@ -192,23 +198,19 @@ def _add_upsample(commands) -> None:
                     help="feed intensities as they are (must already be in [0, 1]) and write the raw output")
     up.add_argument("--padding", choices=["zeros", "border"], default=None,
                     help="feature sampling beyond the outer voxel centres (default: the model's, zeros as the reference)")
-    up.add_argument("--consistency", type=float, default=None, metavar="STEP",
+    up.add_argument("--consistency", nargs="+", default=None, metavar="STEP",
                     help="after decoding, remove this fraction (0 to 1) of the output's disagreement with the input, "
-                    "at every scale (default: the model's own, which may depend on the scale; 0 = the network's "
-                    "output as it is; 1 suits an acquired input, whose voxels average the tissue)")
-    up.add_argument("--dim-damping", type=float, default=None, metavar="D",
-                    help="keep only 1 - D of the network's correction where the input is dim (its dim_band; "
-                    "default: the model's own, 0.8 for the shipped model; 0 = the network's correction as it is)")
+                    "at every scale, or per scale as SCALE:STEP pairs, linear in between (default: the model's own; "
+                    "0 = the network's output as it is; 1 suits an acquired input, whose voxels average the tissue)")
     up.add_argument("--chunk", type=int, default=None, help="at most this many HR voxels decoded per call (default 65536 on CPU, 2^20 on GPU)")
     up.add_argument("--tile", type=int, default=None, help="encoder tile core size in LR voxels (default: from free memory)")
     up.add_argument("--volume-index", type=int, default=None, metavar="I", help="volume of a 4D input to use")
     up.add_argument("--overwrite", action="store_true",
                     help="replace an existing output that arssr-jax did not write (its own outputs are replaced anyway)")
-    up.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
-    up.set_defaults(run=_upsample)
 
 
 def _export(args) -> None:
+    from arssr_jax.options import InferenceOptions, schedule_from_words
     from arssr_jax.weights import save_model
     from arssr_jax.weights.baseline_dir import load_baseline_run, save_baseline
     from arssr_jax.weights.model_dir import check_model_output, describe
@@ -224,22 +226,24 @@ def _export(args) -> None:
                   f"(step {document['metadata']['step']})")
         return
     config, params = load_inference_params(args.workdir, step=args.step)
-    save_model(args.output, config, params, {"source": str(args.workdir), "step": args.step or "best"})
+    options = InferenceOptions(consistency=schedule_from_words(args.consistency) or 0.0)
+    save_model(args.output, config, params, {"source": str(args.workdir), "step": args.step or "best"}, options)
     if not args.quiet:
         print(f"wrote {args.output}: {describe(config, params)}")
 
 
 def _add_export(commands) -> None:
-    export = commands.add_parser(
-        "export", help="write a model directory from a training workdir",
+    export = _command(
+        commands, "export", _export, help="write a model directory from a training workdir",
         description="Copy a training run's parameters (its best checkpoint, else the latest, or --step) "
         "into a model directory (config.json + params.msgpack); a baseline run gives a baseline directory.",
     )
     export.add_argument("workdir")
     export.add_argument("output")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best, else the latest)")
-    export.add_argument("--quiet", action="store_true")
-    export.set_defaults(run=_export)
+    export.add_argument("--consistency", nargs="+", default=None, metavar="STEP",
+                        help="the data-consistency step the model runs with by default: one step (0 to 1) or "
+                        "SCALE:STEP pairs, e.g. 2:0.75 3:0.25 (choose it with eval/consistency_sweep.py; default 0)")
 
 
 def _plot(args) -> None:
@@ -251,16 +255,14 @@ def _plot(args) -> None:
 
 
 def _add_plot(commands) -> None:
-    plot = commands.add_parser(
-        "plot", help="draw a training run's curves (loss, learning rate, validation PSNR per scale) into a PNG",
+    plot = _command(
+        commands, "plot", _plot, help="draw a training run's curves (loss, learning rate, validation PSNR per scale) into a PNG",
         description="Read WORKDIR/log.jsonl and draw the training loss (log scale), the learning rate and the "
         "validation PSNR per scale, each over its interpolation bar (dashed), into a PNG. A run draws "
         "WORKDIR/curves.png itself when it ends; this redraws it at any time, also while the run goes on.",
     )
     plot.add_argument("workdir", help="a training workdir (or its log.jsonl)")
     plot.add_argument("--out", default=None, metavar="PNG", help="where to write the PNG (default: WORKDIR/curves.png)")
-    plot.add_argument("--quiet", action="store_true")
-    plot.set_defaults(run=_plot)
 
 
 def _demo(args) -> None:
@@ -270,15 +272,13 @@ def _demo(args) -> None:
 
 
 def _add_demo(commands) -> None:
-    demo = commands.add_parser(
-        "demo", help="super-resolve a real 2 mm T1 (shipped with nibabel) at 2x and draw a comparison",
+    demo = _command(
+        commands, "demo", _demo, quiet="no progress bars or summary lines", help="super-resolve a real 2 mm T1 (shipped with nibabel) at 2x and draw a comparison",
         description="Super-resolve nibabel's bundled anatomical.nii at 2x with the default model; write the "
         "NIfTI and a PNG comparing input, tricubic and ArSSR slices.",
     )
     demo.add_argument("--out", default=".", help="output folder (default: the current directory)")
     demo.add_argument("--model", default=None, help="model to use instead of the shipped default")
-    demo.add_argument("--quiet", action="store_true")
-    demo.set_defaults(run=_demo)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -289,8 +289,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    convert = commands.add_parser(
-        "convert-torch", help="convert a reference PyTorch .pkl into a model directory",
+    convert = _command(
+        commands, "convert-torch", _convert_torch, help="convert a reference PyTorch .pkl into a model directory",
         description="Read a reference ArSSR state_dict (.pkl written by torch.save) safely, "
         "without torch, and write a model directory usable with --model.",
     )
@@ -302,8 +302,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="nibabel (default): run the weights on nibabel arrays exactly as the reference ran them on "
         "SimpleITK arrays; reference: keep the reference's axis order",
     )
-    convert.add_argument("--quiet", action="store_true")
-    convert.set_defaults(run=_convert_torch)
     _add_upsample(commands)
     _add_demo(commands)
     _add_export(commands)

@@ -26,8 +26,6 @@ are not compared: the output cannot be checked against what it does not contain.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 from scipy import ndimage
 
@@ -60,15 +58,6 @@ def grid_scale(grid: TargetGrid) -> float:
     x2; 1.59 for 1 x 1 x 4); any orientation."""
     linear = np.asarray(grid.index_map, np.float64)[:3, :3]
     return float(abs(np.linalg.det(linear)) ** (-1 / 3))
-
-
-def step_at(schedule, scale: float) -> float:
-    """The step a schedule gives ``scale``: a number is the step at every scale; (scale, step)
-    pairs in increasing scale are interpolated linearly and held constant beyond the ends."""
-    if isinstance(schedule, numbers.Real):
-        return float(schedule)
-    scales, steps = zip(*schedule)
-    return float(np.interp(scale, scales, steps))
 
 
 def is_super_resolution(grid: TargetGrid) -> bool:

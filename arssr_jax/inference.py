@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from arssr_jax import coords as grids
-from arssr_jax.consistency import OUTPUT_COPIES, back_project, grid_scale, is_super_resolution, step_at
+from arssr_jax.consistency import OUTPUT_COPIES, back_project, grid_scale, is_super_resolution
 from arssr_jax.errors import ArSSRError
 from arssr_jax.intensity import Normalisation
+from arssr_jax.memory import available_memory_bytes
 from arssr_jax.models import (
     ArSSR,
     ModelConfig,
@@ -31,6 +32,7 @@ from arssr_jax.models import (
     encode,
     receptive_radius,
 )
+from arssr_jax.options import InferenceOptions
 from arssr_jax.progress import progress_bar
 from arssr_jax.tiling import choose_tile_core, tiled_apply
 
@@ -38,23 +40,6 @@ BYTES = 4  # float32
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def available_memory_bytes() -> int:
-    """Free memory of the default device: MemAvailable on a CPU host, free HBM on an accelerator."""
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        stats = device.memory_stats() or {}
-        if "bytes_limit" in stats:
-            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 def _gib(n: float) -> str:
@@ -72,8 +57,8 @@ def _encode_one(model: ArSSR, params, volume):
 def encode_volume(model: ArSSR, params, volume, tile=None, max_tile_bytes=None, progress=False) -> np.ndarray:
     """Feature map (X, Y, Z, F) of one LR volume (X, Y, Z), encoded tile by tile.
 
-    ``tile``: core size per axis (int or 3 ints); by default the largest that keeps one
-    tile's activations under ``max_tile_bytes`` (half of free memory, at most 16 GiB).
+    ``tile``: core size per axis (3 ints); by default the largest that keeps one tile's
+    activations under ``max_tile_bytes`` (half of free memory, at most 16 GiB).
     """
     config = model.config
     halo = receptive_radius(config)
@@ -82,9 +67,7 @@ def encode_volume(model: ArSSR, params, volume, tile=None, max_tile_bytes=None, 
         budget = max_tile_bytes or min(16 * 2**30, available_memory_bytes() // 2)
         core = choose_tile_core(shape, halo, max(1, budget // activation_bytes_per_voxel(config)))
     else:
-        core = (int(tile),) * 3 if np.ndim(tile) == 0 else tuple(int(t) for t in tile)
-        if len(core) != 3 or min(core) < 1:
-            raise ArSSRError(f"--tile must be a positive number of LR voxels (or three), got {tile}")
+        core = tuple(tile)
     return tiled_apply(lambda window: _encode_one(model, params, jnp.asarray(window)), volume, core, halo,
                        channels=config.encoded_channels, progress=progress, desc="encode")
 
@@ -132,8 +115,6 @@ def decode_grid(model: ArSSR, params, features, grid: grids.TargetGrid, chunk=No
     :func:`arssr_jax.models.default_decode_block`).
     """
     chunk = int(chunk or default_chunk())
-    if chunk < 1:
-        raise ArSSRError(f"--chunk must be a positive number of voxels, got {chunk}")
     lr_shape = features.shape[:3]
     to_normalised = jnp.asarray(grids.index_map_to_normalised(grid.index_map, lr_shape), jnp.float32)
     features = jnp.asarray(features)
@@ -160,47 +141,34 @@ def _store(out, start, values, total):
 # --------------------------------------------------------------------------- the main job
 
 
-def resolve_model(model, padding=None, dim_damping=None):
-    """(ArSSR module, params) from a spec (None = shipped default, a directory, a name) or a pair;
-    ``padding`` and ``dim_damping`` override the model's own (None: keep it)."""
+def resolve_model(model, padding=None) -> tuple[ArSSR, dict, InferenceOptions]:
+    """(module, params, the options saved with the model) from a spec (None = the shipped
+    default, a directory, a training workdir, a name) or a ``(module, params)`` pair (default
+    options); ``padding`` overrides the model's own (None: keep it)."""
     if isinstance(model, tuple) and len(model) == 2:
-        module, params = model
+        (module, params), options = model, InferenceOptions()
     else:
-        from arssr_jax.weights import load_model
+        from arssr_jax.weights import load_model, load_options
 
         module, params, _ = load_model(model)
-    changes = {name: value for name, value in (("padding", padding), ("dim_damping", dim_damping))
-               if value is not None and value != getattr(module.config, name)}
-    if changes:
+        options = load_options(model)
+    if padding is not None and padding != module.config.padding:
         try:
-            module = ArSSR(module.config.replace(**changes))
+            module = ArSSR(module.config.replace(padding=padding))
         except ValueError as error:
             raise ArSSRError(str(error)) from None
-    return module, params
+    return module, params, options
 
 
-def consistency_schedule(config: ModelConfig, consistency=None):
-    """The model's own data-consistency step (or schedule of steps per scale), or
-    ``consistency`` checked as a model's would be. Not folded into the module: the compiled
-    encoder and decoder do not depend on it."""
-    if consistency is None:
-        return config.consistency
-    try:
-        return config.replace(consistency=consistency).consistency
-    except ValueError as error:
-        raise ArSSRError(str(error)) from None
-
-
-def consistency_step(schedule, grid: grids.TargetGrid) -> float:
-    """The step a schedule gives this grid (by its scale); 0 where the grid is no super-resolution."""
-    return step_at(schedule, grid_scale(grid)) if is_super_resolution(grid) else 0.0
-
-
-def target_grid(lr_shape, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None):
-    """The HR grid from exactly one of scale, shape, voxel_size (with lr_voxel_size) or grid."""
-    given = [k for k, v in dict(scale=scale, shape=shape, voxel_size=voxel_size, grid=grid).items() if v is not None]
+def target_grid(lr_shape, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None, like=None,
+                lr_affine=None) -> grids.TargetGrid:
+    """The HR grid from exactly one of ``scale``, ``shape``, ``voxel_size`` (mm; with the
+    input's ``lr_voxel_size``), ``like`` (an image path, or its (shape, affine), whose grid is
+    used; with the input's ``lr_affine``) or ``grid``."""
+    given = [k for k, v in dict(scale=scale, shape=shape, voxel_size=voxel_size, like=like, grid=grid).items()
+             if v is not None]
     if len(given) != 1:
-        raise ArSSRError(f"give exactly one of scale, shape, voxel_size or grid (got {', '.join(given) or 'none'})")
+        raise ArSSRError(f"give exactly one of scale, shape, voxel_size, like or grid (got {', '.join(given) or 'none'})")
     if scale is not None:
         return grids.grid_for_scale(lr_shape, scale)
     if shape is not None:
@@ -209,7 +177,21 @@ def target_grid(lr_shape, *, scale=None, shape=None, voxel_size=None, lr_voxel_s
         if lr_voxel_size is None:
             raise ArSSRError("voxel_size needs the input's voxel size (lr_voxel_size), e.g. from its affine")
         return grids.grid_for_voxel_size(lr_shape, lr_voxel_size, voxel_size)
+    if like is not None:
+        like_shape, like_affine = like if isinstance(like, tuple) else like_grid(like)
+        return grids.grid_like(lr_affine, like_shape, like_affine)
     return grid
+
+
+def like_grid(like, out_paths=()) -> tuple:
+    """(shape, affine) of the ``--like`` image (its header only), refused when it is one of the
+    outputs (it would be overwritten)."""
+    from arssr_jax import nifti
+
+    for out_path in out_paths:
+        if os.path.realpath(like) == os.path.realpath(out_path):
+            raise ArSSRError(f"output {out_path} is the --like image; write to another path")
+    return nifti.load_grid(like)
 
 
 MAX_OUTPUT_VOXELS = 2**31 - 1
@@ -233,62 +215,129 @@ def check_fits_in_memory(lr_shape, grid: grids.TargetGrid, config: ModelConfig, 
         )
 
 
-def upsample(
-    volume,
-    model=None,
-    *,
-    scale=None,
-    shape=None,
-    voxel_size=None,
-    lr_voxel_size=None,
-    grid=None,
-    normalize=True,
-    padding=None,
-    consistency=None,
-    dim_damping=None,
-    chunk=None,
-    tile=None,
-    progress=False,
-) -> np.ndarray:
-    """Super-resolve a 3D array (nibabel order) onto the grid given by exactly one of:
+class Upsampler:
+    """A model and its inference options, resolved and checked once, for any number of volumes:
+    the compiled encoder and decoder are reused across inputs of the same shape (and target
+    grid shape).
 
-    - ``scale``: one factor or three; int(n * s) voxels per axis (the reference's grid);
-    - ``shape``: an exact HR shape over the same field of view;
-    - ``voxel_size`` (mm, one or three) with the input's ``lr_voxel_size``;
-    - ``grid``: a :class:`arssr_jax.coords.TargetGrid` (e.g. from ``grid_like``).
+    ```python
+    up = Upsampler()                       # the shipped model; or a directory, workdir, name, (module, params)
+    hr = up(volume, scale=2)               # arrays (nibabel order) -> array
+    up.nifti("a.nii.gz", "a_sr.nii.gz", scale=2)   # files; returns the written Volume
+    ```
 
-    ``model``: None (the shipped default model), a model directory, a training workdir,
-    a shipped name, or a ``(module, params)`` pair. ``normalize``: map the input's 0.5th and
-    99.5th percentiles to 0 and 1 (:class:`arssr_jax.intensity.Normalisation`, the rule the
-    training volumes get) and restore its scale on output (off: intensities are fed as they are).
-    ``consistency``: the fraction of the output's disagreement with the input removed after
-    decoding, or (scale, step) pairs (:mod:`arssr_jax.consistency`; default: the model's own,
-    0 for converted weights). ``dim_damping``: override the model's damping of the network's
-    correction in dim voxels (``ModelConfig.dim_damping``; 0: the correction as it is).
+    ``options``: :class:`arssr_jax.options.InferenceOptions` to start from (default: those
+    saved with the model); ``consistency``, ``normalize``, ``chunk``, ``tile`` override them
+    (None: keep); ``padding`` overrides the model's feature padding.
     """
-    volume = _checked_input(volume)
-    grid = target_grid(volume.shape, scale=scale, shape=shape, voxel_size=voxel_size, lr_voxel_size=lr_voxel_size, grid=grid)
-    module, params = resolve_model(model, padding, dim_damping)
-    step = consistency_step(consistency_schedule(module.config, consistency), grid)
-    copies = OUTPUT_COPIES if step else 1
-    check_fits_in_memory(volume.shape, grid, module.config, output_copies=copies)
-    norm = Normalisation.of(volume) if normalize else None
-    lr = norm.apply(volume) if norm else np.asarray(volume, np.float32)
-    features = encode_volume(module, params, lr, tile=tile, progress=progress)
-    hr = decode_grid(module, params, features, grid, chunk=chunk, progress=progress)
-    hr = back_project(hr, lr, grid, step)
-    hr = norm.undo(hr) if norm else hr
-    if not np.all(np.isfinite(hr)):
-        bad = int(hr.size - np.count_nonzero(np.isfinite(hr)))
-        raise ArSSRError(f"the model produced {bad} NaN/Inf voxel(s) of {hr.size}; nothing was written: check the "
-                         "model's weights, and that the input's intensities are in the range it was trained on")
-    return hr
+
+    def __init__(self, model=None, *, options: InferenceOptions | None = None, padding=None, consistency=None,
+                 normalize=None, chunk=None, tile=None):
+        overrides = dict(consistency=consistency, normalize=normalize, chunk=chunk, tile=tile)
+        InferenceOptions().replace(**overrides)  # a bad value fails before the model is loaded
+        module, params, saved = resolve_model(model, padding)
+        self.options = (options or saved).replace(**overrides)
+        # On the device once, not converted again for every call.
+        self.module, self.params = module, jax.device_put(params) if params is not None else None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.module.config
+
+    @property
+    def model(self):
+        """The ``(module, params)`` pair, accepted wherever a model spec is."""
+        return self.module, self.params
+
+    def with_params(self, params) -> "Upsampler":
+        """The same model and options with other parameters (e.g. adapted to a scan)."""
+        return Upsampler((self.module, params), options=self.options)
+
+    def __call__(self, volume, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None,
+                 adapt=None, progress=False) -> np.ndarray:
+        """Super-resolve a 3D array (nibabel order) onto the grid given by exactly one of:
+
+        - ``scale``: one factor or three; int(n * s) voxels per axis (the reference's grid);
+        - ``shape``: an exact HR shape over the same field of view;
+        - ``voxel_size`` (mm, one or three) with the input's ``lr_voxel_size``;
+        - ``grid``: a :class:`arssr_jax.coords.TargetGrid` (e.g. from ``grid_like``).
+
+        ``adapt``: fine-tune on the input itself first (an :class:`arssr_jax.adapt.Adaptation`;
+        ``lr_voxel_size`` tells it which axis is thick, else the scale does).
+        """
+        volume = checked_input(volume)
+        grid = target_grid(volume.shape, scale=scale, shape=shape, voxel_size=voxel_size,
+                           lr_voxel_size=lr_voxel_size, grid=grid)
+        return self.decode_onto(volume, grid, lr_voxel_size=lr_voxel_size, adapt=adapt, progress=progress)
+
+    def consistency_step(self, grid: grids.TargetGrid) -> float:
+        """The data-consistency step for this grid (by its scale); 0 where it is no super-resolution."""
+        return self.options.step_for(grid_scale(grid)) if is_super_resolution(grid) else 0.0
+
+    def decode_onto(self, volume: np.ndarray, grid: grids.TargetGrid, lr_voxel_size=None, adapt=None,
+                    progress=False) -> np.ndarray:
+        """The pipeline on a checked input and its grid: normalise, adapt (optional), encode,
+        decode, consistency step, undo the normalisation; refuses a non-finite result."""
+        steps = self.consistency_step(grid) or adapt is not None  # adapting may choose its own step
+        check_fits_in_memory(volume.shape, grid, self.config, output_copies=OUTPUT_COPIES if steps else 1)
+        norm = Normalisation.of(volume) if self.options.normalize else None
+        lr = norm.apply(volume) if norm else np.asarray(volume, np.float32)
+        # Adaptation fine-tunes on the normalised input, as the network sees it (the training
+        # stack it needs is imported by the adaptation object, never by this module).
+        up = self if adapt is None else adapt.adapted(self, lr, lr_voxel_size, grid, progress=progress)
+        features = encode_volume(up.module, up.params, lr, tile=self.options.tile, progress=progress)
+        hr = decode_grid(up.module, up.params, features, grid, chunk=self.options.chunk, progress=progress)
+        hr = back_project(hr, lr, grid, up.consistency_step(grid))
+        hr = norm.undo(hr) if norm else hr
+        if not np.all(np.isfinite(hr)):
+            bad = int(hr.size - np.count_nonzero(np.isfinite(hr)))
+            raise ArSSRError(f"the model produced {bad} NaN/Inf voxel(s) of {hr.size}; nothing was written: check "
+                             "the model's weights, and that the input's intensities are in the range it was trained on")
+        return hr
+
+    def nifti(self, in_path, out_path, *, scale=None, voxel_size=None, like=None, volume_index=None, adapt=None,
+              progress=False):
+        """Read a NIfTI, super-resolve it onto the grid of exactly one of ``scale`` (one or three
+        factors), ``voxel_size`` (mm, one or three) or ``like`` (an image whose grid, any affine,
+        is decoded onto directly) and write it atomically; returns the written Volume.
+        ``adapt``: fine-tune on the scan itself first (:class:`arssr_jax.adapt.Adaptation`)."""
+        from arssr_jax import nifti
+
+        nifti.check_output_path(out_path, in_path)
+        like = like_grid(like, [out_path]) if isinstance(like, (str, os.PathLike)) else like
+        lr = nifti.load(in_path, volume_index=volume_index)
+        grid = target_grid(lr.shape, scale=scale, voxel_size=voxel_size, lr_voxel_size=lr.voxel_size, like=like,
+                           lr_affine=lr.affine)
+        hr = self.decode_onto(lr.data, grid, lr_voxel_size=lr.voxel_size, adapt=adapt, progress=progress)
+        result = nifti.Volume(hr, grid.affine(lr.affine), lr.header)
+        nifti.save(result, out_path, like_header=lr.header, description=nifti.output_description(lr.header))
+        return result
+
+
+def upsample(volume, model=None, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None,
+             adapt=None, progress=False, **options) -> np.ndarray:
+    """Super-resolve a 3D array with ``model`` (None: the shipped default; a directory, workdir,
+    name or ``(module, params)`` pair) onto the grid of exactly one of ``scale``, ``shape``,
+    ``voxel_size`` (with ``lr_voxel_size``) or ``grid``: :class:`Upsampler` once. ``options``:
+    ``padding`` and the :class:`~arssr_jax.options.InferenceOptions` (``consistency``,
+    ``normalize``, ``chunk``, ``tile``); ``adapt``: fine-tune on the input first
+    (:class:`arssr_jax.adapt.Adaptation`)."""
+    return Upsampler(model, **options)(volume, scale=scale, shape=shape, voxel_size=voxel_size,
+                                       lr_voxel_size=lr_voxel_size, grid=grid, adapt=adapt, progress=progress)
+
+
+def upsample_nifti(in_path, out_path, model=None, *, scale=None, voxel_size=None, like=None, volume_index=None,
+                   adapt=None, progress=False, **options):
+    """Read a NIfTI, super-resolve it and write it atomically (:meth:`Upsampler.nifti` once);
+    returns the written :class:`arssr_jax.nifti.Volume`."""
+    return Upsampler(model, **options).nifti(in_path, out_path, scale=scale, voxel_size=voxel_size, like=like,
+                                             volume_index=volume_index, adapt=adapt, progress=progress)
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _checked_input(volume) -> np.ndarray:
+def checked_input(volume) -> np.ndarray:
     """The API's input as a real 3D array, or an ArSSRError naming what is wrong with it."""
     try:
         volume = np.asarray(volume)
@@ -313,97 +362,3 @@ def _checked_input(volume) -> np.ndarray:
             raise ArSSRError(f"the input volume has values up to {largest:.3g}, beyond float32's range (3.4e+38); "
                              "rescale it (e.g. divide by its maximum) first")
     return volume
-
-
-class Upsampler:
-    """A model loaded once, for many volumes: the compiled encoder and decoder are reused
-    across inputs of the same shape (and target grid shape).
-
-    ```python
-    up = Upsampler()                     # the shipped model; or a directory, workdir, name, (module, params)
-    hr = up(volume, scale=2)             # arrays, as :func:`upsample`
-    up.nifti("a.nii.gz", "a_sr.nii.gz", scale=2)   # files, as :func:`upsample_nifti`
-    ```
-
-    ``padding``, ``consistency`` and ``dim_damping`` override the model's own; ``normalize``,
-    ``chunk`` and ``tile`` set defaults that a call may override.
-    """
-
-    def __init__(self, model=None, *, padding=None, consistency=None, dim_damping=None, normalize=True, chunk=None,
-                 tile=None):
-        module, params = resolve_model(model, padding, dim_damping)
-        self.consistency = consistency_schedule(module.config, consistency)
-        # On the device once, not converted again for every call.
-        self.module, self.params = module, jax.device_put(params) if params is not None else None
-        self.config = module.config
-        self.normalize, self.chunk, self.tile = normalize, chunk, tile
-
-    @property
-    def model(self):
-        """The ``(module, params)`` pair, accepted wherever a model spec is."""
-        return self.module, self.params
-
-    def _options(self, normalize, chunk, tile):
-        return dict(consistency=self.consistency, normalize=self.normalize if normalize is None else normalize,
-                    chunk=self.chunk if chunk is None else chunk, tile=self.tile if tile is None else tile)
-
-    def __call__(self, volume, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None,
-                 normalize=None, chunk=None, tile=None, progress=False) -> np.ndarray:
-        """As :func:`upsample` with this model."""
-        return upsample(volume, self.model, scale=scale, shape=shape, voxel_size=voxel_size,
-                        lr_voxel_size=lr_voxel_size, grid=grid, progress=progress,
-                        **self._options(normalize, chunk, tile))
-
-    def nifti(self, in_path, out_path, *, scale=None, voxel_size=None, like=None, volume_index=None,
-              normalize=None, chunk=None, tile=None, progress=False):
-        """As :func:`upsample_nifti` with this model; returns the written Volume."""
-        return upsample_nifti(in_path, out_path, self.model, scale=scale, voxel_size=voxel_size, like=like,
-                              volume_index=volume_index, progress=progress, **self._options(normalize, chunk, tile))
-
-
-def upsample_nifti(
-    in_path,
-    out_path,
-    model=None,
-    *,
-    scale=None,
-    voxel_size=None,
-    like=None,
-    volume_index=None,
-    normalize=True,
-    padding=None,
-    consistency=None,
-    dim_damping=None,
-    chunk=None,
-    tile=None,
-    progress=False,
-):
-    """Read a NIfTI, super-resolve it onto the chosen grid and write it atomically.
-
-    Exactly one of ``scale`` (one or three factors), ``voxel_size`` (mm, one or three) or
-    ``like`` (path of an image whose grid, any affine, is decoded onto directly).
-    Returns the written :class:`arssr_jax.nifti.Volume`.
-    """
-    from arssr_jax import nifti
-
-    given = [k for k, v in dict(scale=scale, voxel_size=voxel_size, like=like).items() if v is not None]
-    if len(given) != 1:
-        raise ArSSRError(f"give exactly one of --scale, --voxel-size or --like (got {', '.join(given) or 'none'})")
-    nifti.check_output_path(out_path, in_path)
-    if like is not None and os.path.realpath(like) == os.path.realpath(out_path):
-        raise ArSSRError(f"output {out_path} is the --like image; write to another path")
-    lr = nifti.load(in_path, volume_index=volume_index)
-    if like is not None:
-        like_shape, like_affine = nifti.load_grid(like)  # checked before any work
-        grid = grids.grid_like(lr.affine, like_shape, like_affine)
-    elif scale is not None:
-        grid = grids.grid_for_scale(lr.shape, scale)
-    else:
-        grid = grids.grid_for_voxel_size(lr.shape, lr.voxel_size, voxel_size)
-    hr = upsample(
-        lr.data, model, grid=grid, normalize=normalize, padding=padding, consistency=consistency,
-        dim_damping=dim_damping, chunk=chunk, tile=tile, progress=progress
-    )
-    result = nifti.Volume(hr, grid.affine(lr.affine), lr.header)
-    nifti.save(result, out_path, like_header=lr.header, description=nifti.output_description(lr.header))
-    return result

@@ -2,7 +2,7 @@
 
 For each scale: arssr-jax's `upsample` (encode once in tiles, chunked decode through one
 compiled function) with random weights, compile time reported separately; then, when
-torch is installed, the reference pipeline (the mirror in tests/torch_reference.py)
+torch is installed, the reference pipeline (the mirror in arssr_jax/testing/torch_reference.py)
 both as shipped (the whole encoder re-run for every HR slab: timed on a few slabs and
 extrapolated to all of them, as said in the output) and encode-once.
 
@@ -36,26 +36,7 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def realistic_volume(shape):
-    """A crop of the MNI152 T1 template resampled to 2 mm (real anatomy), else smooth noise."""
-    from scipy import ndimage
-
-    try:
-        from nilearn.datasets import load_mni152_template
-
-        t1 = np.asarray(load_mni152_template(resolution=1).get_fdata(), np.float32)
-        lr = ndimage.zoom(t1, 0.5, order=3, grid_mode=True, mode="grid-constant")
-        if any(s > n for s, n in zip(shape, lr.shape)):
-            lr = ndimage.zoom(t1, [s / n for s, n in zip(shape, t1.shape)], order=1)
-        starts = [(n - s) // 2 for n, s in zip(lr.shape, shape)]
-        crop = lr[tuple(slice(a, a + s) for a, s in zip(starts, shape))]
-    except ImportError:
-        crop = ndimage.gaussian_filter(np.random.default_rng(0).random(shape), 2).astype(np.float32)
-    crop = crop - crop.min()
-    return (crop / crop.max()).astype(np.float32)
+from arssr_jax.testing.benchmarking import realistic_volume
 
 
 def peak_memory_bytes():
@@ -120,10 +101,8 @@ def achieved_gflops(args, hr_voxels, encode_s, decode_s):
 def run_torch(args, shipped):
     import torch
 
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from torch_reference import ArSSR
-
     from arssr_jax.coords import make_grid
+    from arssr_jax.testing.torch_reference import ArSSR
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
@@ -181,8 +160,7 @@ def spawn(args, name, scale):
 REFERENCE_PROCESS = """
 import os, sys, time
 import numpy as np, nibabel as nib, torch
-sys.path.insert(0, os.path.join({repo!r}, "tests"))
-from torch_reference import ArSSR
+from arssr_jax.testing.torch_reference import ArSSR
 from arssr_jax.coords import make_grid
 
 encoder, weights, scale, in_path, out_path = sys.argv[1:6]
@@ -246,15 +224,14 @@ def whole_process(args):
         try:
             import torch
 
-            sys.path.insert(0, os.path.join(REPO, "tests"))
-            from torch_reference import ArSSR
+            from arssr_jax.testing.torch_reference import ArSSR
 
             torch.manual_seed(0)
             weights = os.path.join(work, "reference.pkl")
             torch.save(ArSSR(args.encoder).state_dict(), weights)
             script = os.path.join(work, "reference_process.py")
             with open(script, "w") as f:
-                f.write(REFERENCE_PROCESS.format(repo=REPO))
+                f.write(REFERENCE_PROCESS)
             with_torch = True
         except ImportError:
             pass
@@ -352,7 +329,7 @@ def main():
 
 def measure_matmul(with_torch):
     """The machine's float32 matmul rate (eval/benchmark_matmul.py, in a subprocess), as text."""
-    command = [sys.executable, os.path.join(REPO, "eval", "benchmark_matmul.py")] + ([] if with_torch else ["--no-torch"])
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_matmul.py")] + ([] if with_torch else ["--no-torch"])
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         return "not measured"

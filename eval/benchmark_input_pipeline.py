@@ -13,8 +13,8 @@ descendants (grain's worker processes):
    batches of the paper's sample (40^3 patch, scale round(U(2, 4.04), 1), corner-aligned
    cubic degradation to 10^3, K = 8000, batch 15) with 0, 1 and 2 worker processes:
    peak memory, samples/s (wall) and CPU seconds per sample (all processes);
-2. today's path without the cache (every volume read into memory, and pickled into every
-   worker): the same measured at ``--memory-counts`` volumes, which fit in memory, and
+2. the path without the cache (``cache_dir=None``: every volume read into memory, and
+   pickled into every worker): the same measured at ``--memory-counts`` volumes, which fit in memory, and
    extrapolated linearly to ``--count``;
 3. one sample's CPU cost, split into its parts;
 4. the rate one GPU step needs: the paper model's FLOPs per sample (``arssr_jax.flops``;
@@ -28,130 +28,32 @@ descendants (grain's worker processes):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from arssr_jax.memory import host_available_bytes
+from arssr_jax.testing.benchmarking import CHIP_PEAKS, MemorySampler, tree_cpu_seconds, write_volumes
 
-GPU_RATES = {  # dense peak FLOP/s of an NVIDIA H100 SXM (data sheet)
-    "H100 SXM BF16 tensor cores": 989e12,
-    "H100 SXM TF32 tensor cores (float32 at JAX's default GPU matmul precision)": 495e12,
-    "H100 SXM FP32 (no tensor cores)": 67e12,
+GPU = "H100 SXM"
+GPU_RATES = {  # dense peak FLOP/s of the chip a GPU estimate is for (arssr_jax.testing.benchmarking)
+    f"{GPU} BF16 tensor cores": CHIP_PEAKS[GPU]["bfloat16"],
+    f"{GPU} TF32 tensor cores (float32 at JAX's default GPU matmul precision)": CHIP_PEAKS[GPU]["float32"],
+    f"{GPU} FP32 (no tensor cores)": CHIP_PEAKS[GPU]["fp32"],
 }
-
-
-# -- process-tree memory and CPU --------------------------------------------------------
-
-def _children_map() -> dict:
-    children = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(name))
-    return children
-
-
-def process_tree(pid: int) -> list:
-    children, tree, todo = _children_map(), [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
-
-
-def _status_kb(pid: int, fields) -> dict:
-    out = dict.fromkeys(fields, 0)
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in out:
-                    out[key] = int(line.split()[1])
-    except OSError:
-        pass
-    return out
-
-
-def tree_memory(pid: int) -> dict:
-    """RssAnon, RssShmem and RssFile (bytes) summed over ``pid`` and its descendants."""
-    total = {"RssAnon": 0, "RssShmem": 0, "RssFile": 0, "processes": 0}
-    for p in process_tree(pid):
-        values = _status_kb(p, ("RssAnon", "RssShmem", "RssFile"))
-        for key, kb in values.items():
-            total[key] += 1024 * kb
-        total["processes"] += 1
-    return total
-
-
-def tree_cpu_seconds(pid: int) -> np.ndarray:
-    """(user, system) CPU seconds of ``pid`` and its live descendants."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = np.zeros(2)
-    for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += [int(fields[11]), int(fields[12])]
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / tick
-
-
-class MemorySampler(threading.Thread):
-    """Samples ``tree_memory(pid)`` every ``period`` seconds until stopped."""
-
-    def __init__(self, pid: int, period: float = 0.02):
-        super().__init__(daemon=True)
-        self.pid, self.period, self.samples = pid, period, []
-        self._stop_event = threading.Event()
-
-    def run(self):
-        while not self._stop_event.is_set():
-            self.samples.append((time.time(), tree_memory(self.pid)))
-            self._stop_event.wait(self.period)
-
-    def stop(self):
-        self._stop_event.set()
-        self.join()
-
-    def steady(self, start: float, end: float) -> float:
-        """Median RssAnon over [start, end]: the level between transients."""
-        inside = [m["RssAnon"] for t, m in self.samples if start <= t <= end]
-        return float(np.median(inside)) if inside else float("nan")
-
-    def peak(self, start: float = -np.inf, end: float = np.inf) -> dict:
-        inside = [m for t, m in self.samples if start <= t <= end]
-        if not inside:
-            return {}
-        best = max(inside, key=lambda m: m["RssAnon"])
-        return {"RssAnon": best["RssAnon"], "RssShmem": max(m["RssShmem"] for m in inside),
-                "RssFile": max(m["RssFile"] for m in inside),
-                "processes": max(m["processes"] for m in inside)}
 
 
 # -- the child process: one measured case ------------------------------------------------
 
 def paper_data_config(cache_dir, workers: int):
     from arssr_jax.training.config import paper
-
-    import dataclasses
 
     return dataclasses.replace(paper().data, cache_dir=cache_dir, worker_count=workers)
 
@@ -204,7 +106,7 @@ def run_case(paths, cache_dir, workers, batches, quiet=True) -> dict:
     """A case in a fresh process: its result, and peak memory over the loading and iterating phases."""
     spec = {"paths": paths, "cache_dir": cache_dir, "workers": workers, "batches": batches, "quiet": quiet}
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, text=True)
     sampler = MemorySampler(proc.pid)
     sampler.start()
     phases, result = {}, None
@@ -231,47 +133,7 @@ def run_case(paths, cache_dir, workers, batches, quiet=True) -> dict:
     return result
 
 
-TODAY_WORST_COPIES = 20  # the most copies of each volume today's path was seen to hold at once (pickling)
-
-
-def mem_available() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return 1024.0 * int(line.split()[1])
-    return float("inf")
-
-
-# -- synthetic volumes ------------------------------------------------------------------------
-
-def synthetic_volume(shape, seed: int) -> np.ndarray:
-    """A head-like volume: a noisy ellipsoid of tissue in a dark, noisy background (float32)."""
-    rng = np.random.default_rng(seed)
-    axes = [((np.arange(n, dtype=np.float32) - (n - 1) / 2) / (0.42 * n)) ** 2 for n in shape]
-    r2 = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]
-    volume = rng.random(shape, dtype=np.float32)
-    volume *= 0.1
-    volume += np.where(r2 < 1.0, np.float32(0.5 + 0.3 * rng.random()), np.float32(0.0))
-    volume *= np.float32(800.0)
-    return volume
-
-
-def write_volumes(folder: str, count: int, shape, quiet: bool) -> list:
-    import nibabel as nib
-
-    from arssr_jax.progress import progress_bar
-
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    affine = np.diag([0.7, 0.7, 0.7, 1.0])
-    for i in progress_bar(range(count), desc="synthetic volumes", unit="vol", enabled=not quiet):
-        path = os.path.join(folder, f"vol_{i:04d}.nii")
-        if not os.path.isfile(path):
-            image = nib.Nifti1Image(synthetic_volume(shape, i), affine)
-            image.header.set_data_dtype(np.float32)
-            nib.save(image, path)
-        paths.append(path)
-    return paths
+NO_CACHE_WORST_COPIES = 20  # the most copies of each volume the path without the cache was seen to hold at once (pickling)
 
 
 # -- one sample's CPU cost ----------------------------------------------------------------
@@ -332,7 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts to time")
     parser.add_argument("--memory-workers", type=int, default=2, help="workers of the memory comparison")
     parser.add_argument("--memory-counts", type=int, nargs="+", default=[2, 8],
-                        help="volume counts of today's in-memory path (default 2 8; counts whose worst case "
+                        help="volume counts of the in-memory path (no cache) (default 2 8; counts whose worst case "
                         "would not fit in the available memory are skipped)")
     parser.add_argument("--batches", type=int, default=60,
                         help="batches per case after the first (15 samples each); the second half is timed")
@@ -391,34 +253,34 @@ def main(argv=None) -> int:
             speed[args.memory_workers] = run_case(paths, cache, args.memory_workers, args.batches)
         cached_peak = speed[args.memory_workers]["peak"]["RssAnon"]
 
-        print(f"\ntoday's path (no cache: volumes read into memory, pickled into each of "
+        print(f"\nwithout the cache (volumes read into memory, pickled into each of "
               f"{args.memory_workers} workers):", flush=True)
-        today = {}
+        no_cache = {}
         for n in sorted(set(min(n, args.count) for n in args.memory_counts)):
-            worst = TODAY_WORST_COPIES * n * volume_bytes + 2e9
-            if worst > 0.8 * mem_available():
-                print(f"  {n:4d} volumes: skipped (up to {gb(worst)} at worst, {gb(mem_available())} available)")
+            worst = NO_CACHE_WORST_COPIES * n * volume_bytes + 2e9
+            if worst > 0.8 * host_available_bytes():
+                print(f"  {n:4d} volumes: skipped (up to {gb(worst)} at worst, {gb(host_available_bytes())} available)")
                 continue
             r = run_case(paths[:n], None, args.memory_workers, max(10, args.batches // 4))
-            today[n] = r
+            no_cache[n] = r
             print(f"  {n:4d} volumes: RssAnon {gb(r['steady_iterate'])} while iterating, peak "
                   f"{gb(r['peak']['RssAnon'])} (while starting the workers)", flush=True)
-        results["today"] = today
-        counts = sorted(today)
+        results["no_cache"] = no_cache
+        counts = sorted(no_cache)
         if len(counts) >= 2:
             a, b = counts[0], counts[-1]
             fits = {}
             for key, value in (("steady", lambda r: r["steady_iterate"]), ("peak", lambda r: r["peak"]["RssAnon"])):
-                slope = (value(today[b]) - value(today[a])) / (b - a)
-                base = value(today[a]) - slope * a
+                slope = (value(no_cache[b]) - value(no_cache[a])) / (b - a)
+                base = value(no_cache[a]) - slope * a
                 fits[key] = {"per_volume": slope, "base": base, "at_count": base + slope * args.count}
                 print(f"  -> {key}: {slope / 1e6:.0f} MB per volume = {slope / volume_bytes:.1f} copies of each "
                       f"volume; extrapolated to {args.count} volumes: {gb(base + slope * args.count)}")
-            results["today_extrapolated"] = fits
+            results["no_cache_extrapolated"] = fits
         print(f"\npeak anonymous memory, {args.count} volumes, {args.memory_workers} workers: volume cache "
-              f"{gb(cached_peak)}" + (f"; today's path {gb(results['today_extrapolated']['steady']['at_count'])} "
-                                      f"while iterating, {gb(results['today_extrapolated']['peak']['at_count'])} "
-                                      "at its peak (extrapolated)" if "today_extrapolated" in results else ""),
+              f"{gb(cached_peak)}" + (f"; without it {gb(results['no_cache_extrapolated']['steady']['at_count'])} "
+                                      f"while iterating, {gb(results['no_cache_extrapolated']['peak']['at_count'])} "
+                                      "at its peak (extrapolated)" if "no_cache_extrapolated" in results else ""),
               flush=True)
 
         from arssr_jax.data.cache import open_cached

@@ -12,40 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
-import numpy as np
-
-
-def _best(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def jax_matmul_gflops(m=262144, k=256, n=256, repeats=3) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((m, k), np.float32))
-    b = jnp.asarray(rng.standard_normal((k, n), np.float32))
-    dot = jax.jit(jnp.dot)
-    return 2 * m * k * n / _best(lambda: dot(a, b).block_until_ready(), repeats) / 1e9
-
-
-def torch_matmul_gflops(m=262144, k=256, n=256, repeats=3) -> float | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(os.cpu_count())
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    return 2 * m * k * n / _best(lambda: torch.matmul(a, b), repeats) / 1e9
+from arssr_jax.testing.benchmarking import jax_matmul_gflops, torch_matmul_gflops
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@ Defaults are the paper's batch: N=15 samples of an LR 10^3 patch with K=8000 HR
 coordinates each, Adam, L1 loss, full-size models (RDN and ResCNN). For each encoder it
 reports the JAX compile time, then seconds per step, steps/s and samples/s over a few
 warm steps; and, when torch is installed, the same for the PyTorch mirror of the
-reference (tests/torch_reference.py) with the ratio.
+reference (arssr_jax/testing/torch_reference.py) with the ratio.
 
     python eval/benchmark_training.py                       # the paper's batch (minutes on 2 cores)
     python eval/benchmark_training.py --batch 2 --samples 500 --steps 2   # a quick try
@@ -13,16 +13,12 @@ reference (tests/torch_reference.py) with the ratio.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
 
 import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def make_batch(batch: int, samples: int, lr_size: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
@@ -58,18 +54,12 @@ def bench_jax(encoder: str, batch: dict, steps: int, warmup: int) -> dict:
             "compile_s": compile_s, "step_s": seconds, "loss": float(metrics["loss"])}
 
 
-def load_torch_reference():
-    spec = importlib.util.spec_from_file_location("torch_reference", os.path.join(ROOT, "tests", "torch_reference.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def bench_torch(encoder: str, batch: dict, steps: int, warmup: int) -> dict:
     import torch
 
-    reference = load_torch_reference()
-    model = reference.make_reference(encoder).train()
+    from arssr_jax.testing.torch_reference import make_reference
+
+    model = make_reference(encoder).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999))
     lr = torch.from_numpy(np.ascontiguousarray(np.moveaxis(batch["lr"], -1, 1)))  # (N, 1, D, H, W)
     coords, values = torch.from_numpy(batch["coords"]), torch.from_numpy(batch["values"])
@@ -113,7 +103,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    sys.path.insert(0, ROOT)
 
     import jax
 
@@ -127,8 +116,7 @@ def main(argv=None) -> int:
           f"steps; jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs)", flush=True)
     matmul = None
     try:
-        sys.path.insert(0, os.path.join(ROOT, "eval"))
-        from benchmark_matmul import jax_matmul_gflops, torch_matmul_gflops
+        from arssr_jax.testing.benchmarking import jax_matmul_gflops, torch_matmul_gflops
 
         matmul = f"jnp.dot {jax_matmul_gflops():.1f} GFLOP/s" + (
             f", torch {torch_matmul_gflops():.1f}" if have_torch else "")

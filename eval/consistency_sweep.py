@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Choose a model's data-consistency step (``ModelConfig.consistency``) on its training volumes.
+"""Choose the data-consistency step a model is exported with (``arssr-jax export --consistency``) on its training volumes.
 
     python eval/consistency_sweep.py data/train/colin27_2mm.nii.gz data/train/colin27_brain_1mm.nii.gz
 
@@ -8,7 +8,7 @@ middle ones, to keep it quick) and scale, the LR is simulated as the evaluation 
 (centred cubic degradation, clipped at 0), decoded once without consistency, and then
 back-projected with each step (arssr_jax.consistency). Prints PSNR per step, the step
 with the highest mean PSNR over every volume and scale, and the best step at each scale
-(a schedule ModelConfig.consistency takes). ``--antialias`` simulates an LR that averages
+(a schedule ``arssr-jax export --consistency`` takes). ``--antialias`` simulates an LR that averages
 over its voxels (as an acquisition does, and evaluate.py --antialias) instead.
 Run it on training volumes only: a step chosen on the held-out sources would make their
 scores optimistic.
@@ -70,10 +70,10 @@ def main(argv=None) -> int:
     print("| mean | | " + " | ".join(f"{v:.3f}" for v in mean) + " |")
     print(f"best step: {args.steps[int(np.argmax(mean))]:g}")
     # The same rule scale by scale: whether one step suits every scale, and if not the
-    # schedule to give ModelConfig.consistency (linear in between, held beyond the ends).
+    # schedule to save with the model (linear in between, held beyond the ends).
     best = [(scale, args.steps[int(np.argmax(row))]) for scale, row in zip(args.scales, per_scale)]
     print("best step per scale: " + ", ".join(f"x{scale:g} {step:g}" for scale, step in best))
-    print("as ModelConfig.consistency: (" + ", ".join(f"({scale:g}, {step:g})" for scale, step in best) + ")")
+    print("export with: --consistency " + " ".join(f"{scale:g}:{step:g}" for scale, step in best))
     return 0
 
 

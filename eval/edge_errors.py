@@ -45,14 +45,11 @@ def main(argv=None) -> int:
                    help="a model directory, workdir or shipped name (repeatable; default: ArSSR=default)")
     p.add_argument("--scales", type=float, nargs="+", default=[2.0, 2.5])
     p.add_argument("--deepest", type=int, default=4, help="layers this deep and deeper are one row (default 4)")
-    p.add_argument("--dim-damping", type=float, default=None, metavar="D",
-                   help="override the models' damping of the network's correction in dim voxels (0: none)")
     args = p.parse_args(argv)
     try:
         if args.deepest < 1:
             raise ArSSRError(f"--deepest {args.deepest}: give a layer of at least 1")
-        runners = [interpolation_runner("tricubic")] + [arssr_runner(spec, dim_damping=args.dim_damping)
-                                                       for spec in args.arssr or ["ArSSR=default"]]
+        runners = [interpolation_runner("tricubic")] + [arssr_runner(spec) for spec in args.arssr or ["ArSSR=default"]]
         for path in args.volumes:
             print(report(path, runners, args.scales, args.deepest) + "\n", flush=True)
     except ArSSRError as error:

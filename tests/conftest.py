@@ -1,7 +1,7 @@
 import os
 import sys
 
-# Tests import the PyTorch mirror of the reference from this folder.
+# Tests import their shared helpers (tiny_model.py, scripts.py) from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
 
 # Tests that call the CLI in-process keep XLA's persistent cache off: hermetic runs.
@@ -59,6 +59,7 @@ SLOW = {
     "test_batch.py::test_many_inputs_one_model_and_one_compile_per_shape",
     "test_baselines.py::test_baseline_config_errors",
     "test_training.py::test_loss_falls_on_real_data_and_workdir_is_a_model",
+    "test_device_benchmark.py::test_smoke_run_fills_every_field",
 }
 
 

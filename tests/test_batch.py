@@ -136,7 +136,7 @@ def test_upsampler_matches_the_functions(tmp_path, tiny_dir):
     up = Upsampler(tiny_dir)
     volume = np.random.default_rng(3).random((6, 7, 5)).astype(np.float32)
     np.testing.assert_array_equal(up(volume, scale=2), inference.upsample(volume, tiny_dir, scale=2))
-    np.testing.assert_array_equal(up(volume, shape=(9, 9, 9), normalize=False),
+    np.testing.assert_array_equal(Upsampler(tiny_dir, normalize=False)(volume, shape=(9, 9, 9)),
                                   inference.upsample(volume, tiny_dir, shape=(9, 9, 9), normalize=False))
     path = scan(tmp_path / "in.nii.gz")
     written = up.nifti(path, tmp_path / "a.nii.gz", scale=1.5)

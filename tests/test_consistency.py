@@ -1,7 +1,6 @@
 """Data consistency (back-projection): scipy as the independent reference, closed-form
 cases, and the option saved with the model and applied by inference."""
 
-import ast
 import json
 
 import nibabel as nib
@@ -17,9 +16,9 @@ from arssr_jax.evaluation.simulate import simulate_lr
 from arssr_jax.inference import Upsampler, upsample
 from arssr_jax.interpolation import tricubic
 from arssr_jax.metrics import psnr
-from arssr_jax.models import ModelConfig, build_model
+from arssr_jax.options import InferenceOptions, schedule_from_words
 from arssr_jax.training.config import load_config
-from arssr_jax.weights import load_model, save_model
+from arssr_jax.weights import load_model, load_options, save_model
 
 from scripts import ROOT, load_script  # noqa: E402  (tests/ is on sys.path: conftest.py)
 from tiny_model import TINY, tiny_model  # noqa: E402
@@ -118,10 +117,10 @@ def test_upsample_applies_the_models_step_and_an_override(tmp_path):
     lr = smooth_volume((9, 8, 10)) / 4
     raw = upsample(lr, (module, params), scale=2, normalize=False)
     grid = grid_for_scale(lr.shape, 2)
-    save_model(tmp_path / "m", TINY.replace(consistency=0.5), params)
-    loaded, _, _ = load_model(tmp_path / "m")
-    assert loaded.config.consistency == 0.5
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["consistency"] == 0.5
+    save_model(tmp_path / "m", TINY, params, options=InferenceOptions(consistency=0.5))
+    assert load_options(tmp_path / "m").consistency == 0.5
+    document = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert document["inference"] == {"consistency": 0.5} and "consistency" not in document["model"]
     np.testing.assert_allclose(upsample(lr, tmp_path / "m", scale=2, normalize=False),
                                back_project(raw, lr, grid, 0.5), atol=1e-6)
     np.testing.assert_array_equal(upsample(lr, tmp_path / "m", scale=2, normalize=False, consistency=0.0), raw)
@@ -141,9 +140,9 @@ def test_a_step_per_scale_is_saved_and_applied_by_the_grids_scale(tmp_path):
     """(scale, step) pairs: the step at a grid's scale, linear in between, held beyond the ends."""
     module, params = tiny_model()
     lr = smooth_volume((9, 8, 10)) / 4
-    save_model(tmp_path / "m", TINY.replace(consistency={3: 0.0, 2: 1.0}), params)
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["consistency"] == [[2.0, 1.0], [3.0, 0.0]]
-    assert load_model(tmp_path / "m")[0].config.consistency == ((2.0, 1.0), (3.0, 0.0))
+    save_model(tmp_path / "m", TINY, params, options=InferenceOptions(consistency={3: 0.0, 2: 1.0}))
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["inference"]["consistency"] == [[2.0, 1.0], [3.0, 0.0]]
+    assert load_options(tmp_path / "m").consistency == ((2.0, 1.0), (3.0, 0.0))
     up = Upsampler(tmp_path / "m", normalize=False)
     for scale in (2, 2.5, 3, 4, (1, 1, 2)):
         grid = grid_for_scale(lr.shape, scale)
@@ -157,13 +156,24 @@ def test_a_step_per_scale_is_saved_and_applied_by_the_grids_scale(tmp_path):
                                   upsample(lr, (module, params), scale=2, normalize=False))
 
 
-def test_shipped_model_has_the_step_and_converted_models_have_none():
-    shipped = load_model("default")[0].config
-    assert shipped.consistency == ((2.0, 0.75), (3.0, 0.25))
-    # the recipe that reproduces it builds the same model, schedule included
-    assert load_config(str(ROOT / "train" / "configs" / "default_model.py")).model == shipped
-    assert ModelConfig().consistency == 0.0  # converted reference weights: the paper's output
-    assert ModelConfig.from_dict({"encoder": "RDN"}).consistency == 0.0  # config.json written before the option
+def test_shipped_model_has_the_step_and_converted_models_have_none(tmp_path, capsys):
+    assert load_options("default").consistency == ((2.0, 0.75), (3.0, 0.25))
+    # the recipe that reproduces it builds the same network; the step is exported beside it
+    assert load_config(str(ROOT / "train" / "configs" / "default_model.py")).model == load_model("default")[2]
+    assert InferenceOptions().consistency == 0.0  # converted reference weights: the paper's output
+    # a config.json written before the options had their own block: the step moves over, the
+    # removed dim damping is ignored with one line
+    module, params = tiny_model()
+    save_model(tmp_path / "old", TINY, params)
+    document = json.loads((tmp_path / "old" / "config.json").read_text())
+    del document["inference"]
+    document["model"].update(consistency=[[2, 0.5]], dim_damping=0.8, dim_band=[0.07, 0.1, 0.2, 0.23])
+    (tmp_path / "old" / "config.json").write_text(json.dumps(document))
+    capsys.readouterr()
+    assert load_options(tmp_path / "old").consistency == ((2.0, 0.5),)
+    assert load_model(tmp_path / "old")[2] == TINY
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert notes and all("ignoring dim_damping, dim_band" in line for line in notes)
 
 
 def test_free_memory_is_checked_for_the_steps_arrays_too(monkeypatch):
@@ -179,12 +189,20 @@ def test_free_memory_is_checked_for_the_steps_arrays_too(monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "half", [], [(0.5, 0.2)], [(2, 0.2), (2.0, 0.3)],
-                                 [(2, 1.2)], [(2,)], {2: True}, {float("inf"): 0.5}])
+                                 [(2, 1.2)], [(2,)], {2: True}, {float("inf"): 0.5}, ["2:0.5", "x"]])
 def test_a_bad_step_is_refused(bad):
-    with pytest.raises(ValueError, match="consistency"):
-        build_model(TINY.replace(consistency=bad))
+    with pytest.raises(ArSSRError, match="consistency"):
+        InferenceOptions(consistency=bad)
     with pytest.raises(ArSSRError, match="consistency"):
         upsample(smooth_volume((6, 6, 6)), tiny_model(), scale=2, consistency=bad)
+
+
+def test_a_schedule_is_interpolated_by_scale_and_held_beyond_its_ends():
+    options = InferenceOptions(consistency=["3:0.25", "2:0.75"])  # as the command line gives it
+    assert options.consistency == ((2.0, 0.75), (3.0, 0.25))
+    steps = [options.step_for(s) for s in (1.5, 2.0, 2.5, 2.8, 3.0, 4.0)]
+    np.testing.assert_allclose(steps, np.interp([1.5, 2.0, 2.5, 2.8, 3.0, 4.0], [2, 3], [0.75, 0.25]))
+    assert InferenceOptions(consistency=0.3).step_for(7.0) == 0.3
 
 
 def test_cli_refuses_a_bad_step_before_writing(tmp_path, capsys):
@@ -193,7 +211,7 @@ def test_cli_refuses_a_bad_step_before_writing(tmp_path, capsys):
     assert main(["upsample", str(tmp_path / "lr.nii.gz"), str(out), "--scale", "2", "--consistency", "2",
                  "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "consistency must be a number from 0 to 1" in err and "\n" not in err
+    assert "--consistency takes a step from 0 to 1" in err and "\n" not in err
     assert not out.exists()
 
 
@@ -239,5 +257,5 @@ def test_sweep_script_picks_a_step_per_scale_from_the_mean_over_volumes(tmp_path
                        "--scales", "2", "3", "--steps", "0", "0.5", "1"]) == 0
     out = capsys.readouterr().out
     assert "best step: 0.5" in out and "best step per scale: x2 1, x3 0" in out
-    schedule = out.split("as ModelConfig.consistency: ")[1].splitlines()[0]
-    assert ModelConfig(consistency=ast.literal_eval(schedule)).consistency == ((2.0, 1.0), (3.0, 0.0))
+    words = out.split("export with: --consistency ")[1].splitlines()[0].split()
+    assert schedule_from_words(words) == ((2.0, 1.0), (3.0, 0.0))

@@ -16,7 +16,7 @@ from arssr_jax.inference import encode_volume, upsample, upsample_nifti
 from arssr_jax.models import receptive_radius
 from arssr_jax.models import ModelConfig, build_model, init_params, predict
 from arssr_jax.weights import convert_state_dict, save_model
-from torch_reference import make_reference
+from arssr_jax.testing.torch_reference import make_reference
 
 from tiny_model import TINY  # noqa: E402  (tests/ is on sys.path: conftest.py)
 

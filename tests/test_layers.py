@@ -1,13 +1,13 @@
 """The package's layers only look down, and inference never loads the training stack.
 
 Layers, lowest first (a module may import its own layer and those below):
-  basics (errors, coords, tempfiles, progress, intensity)
+  basics (errors, coords, tempfiles, progress, intensity, memory)
   <- ops (conv, sampling, spline, interpolation, consistency, tiling, metrics)
   <- models
   <- store (nifti, weights: model/baseline directories, training workdirs, the torch reader; flops)
   <- data, inference, curves (a run's log drawn)
   <- training
-  <- evaluation, demo
+  <- evaluation, demo, testing (the tests' and benchmarks' support: the PyTorch mirror, timers)
   <- cli
 """
 
@@ -24,13 +24,13 @@ import pytest
 import arssr_jax
 
 LAYERS = (
-    ("errors", "coords", "tempfiles", "progress", "intensity"),
+    ("errors", "coords", "tempfiles", "progress", "intensity", "memory", "options"),
     ("models.conv", "sampling", "spline", "interpolation", "consistency", "tiling", "metrics"),
     ("models",),
     ("nifti", "weights", "flops"),
     ("data", "inference", "curves"),
     ("training",),
-    ("evaluation", "demo"),
+    ("evaluation", "demo", "adapt", "testing"),  # testing: the tests' and benchmarks' support, never imported by the rest
     ("cli", ""),  # "" is the package itself (its lazy top-level names)
 )
 PACKAGE = Path(arssr_jax.__file__).parent
@@ -80,6 +80,13 @@ def test_every_import_looks_down_the_layers():
             if target and layer_of(target) > layer_of(me):
                 upward.append(f"{path.relative_to(PACKAGE.parent)}:{line} arssr_jax.{me} imports arssr_jax.{target}")
     assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+
+
+def test_the_library_never_imports_its_testing_support():
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line}" for path in sorted(PACKAGE.rglob("*.py"))
+             if not module_name(path).startswith("testing")
+             for line, target in package_imports(path) if target == "testing" or target.startswith("testing.")]
+    assert not found, "arssr_jax.testing imported by the library:\n" + "\n".join(found)
 
 
 def test_the_layer_check_sees_an_upward_import(tmp_path):

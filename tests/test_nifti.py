@@ -206,21 +206,55 @@ def test_rgb_refused(tmp_path):
     assert "non-numeric" in msg
 
 
-def test_degenerate_affine_refused(tmp_path):
-    # an sform with a zero column, written field by field (nibabel would refuse to set it)
-    data = _rand((3, 4, 5))
+def _raw(path, shape, data=b"", srow_y=(0, 1, 0, 0), gz=False):
+    """A NIfTI-1 file written field by field (nibabel would refuse some of these headers): float32
+    voxels ``data`` after a header claiming ``shape``, with ``srow_y`` as the sform's second row."""
     hdr = nib.Nifti1Header()
-    hdr.set_data_shape(data.shape)
+    hdr.set_data_shape(shape)
     hdr.set_data_dtype(np.float32)
-    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]
-    hdr["sform_code"] = 1
+    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = [1, 0, 0, 0], list(srow_y), [0, 0, 1, 0]
+    hdr["sform_code"], hdr["qform_code"] = 1, 0
     hdr["vox_offset"] = 352
-    p = tmp_path / "deg.nii"
-    with open(p, "wb") as f:
-        hdr.write_to(f)
-        f.write(b"\0" * 4 + data.tobytes(order="F"))
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(hdr.binaryblock + b"\0" * 4 + data)
+    return path
+
+
+@pytest.mark.parametrize("srow_y", [[0, 0, 0, 0], [0, np.nan, 0, 0], [0, np.inf, 0, 0]], ids=["zero", "nan", "inf"])
+def test_one_affine_rule_for_load_load_grid_and_save(tmp_path, srow_y):
+    data = _rand((3, 4, 5))
+    p = _raw(tmp_path / "deg.nii", data.shape, data.tobytes(order="F"), srow_y=srow_y)
+    rule = "has a degenerate voxel-to-world affine"
+    for msg in (_err(load, p), _err(nifti.load_grid, p)):
+        assert "deg.nii" in msg and rule in msg and "pixdim / sform / qform" in msg
+    affine = np.eye(4)
+    affine[1] = srow_y
+    msg = _err(save, Volume(data, affine), tmp_path / "out.nii")
+    assert "out.nii" in msg and rule in msg
+    assert os.listdir(tmp_path) == ["deg.nii"]
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_a_header_claiming_more_than_the_file_holds_is_damage_not_a_memory_problem(tmp_path, ext):
+    p = _raw(tmp_path / f"huge{ext}", (5000, 5000, 5000), b"\0" * 16000, gz=ext.endswith(".gz"))  # 16 KB of voxels
     msg = _err(load, p)
-    assert "affine" in msg
+    assert f"huge{ext}" in msg and "truncated or corrupt" in msg and "5000x5000x5000" in msg, msg
+    assert "GiB" not in msg and "larger machine" not in msg, msg
+    assert nifti.load_grid(p)[0] == (5000, 5000, 5000)  # the grid needs the header only
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_only_a_file_that_holds_its_voxels_gets_the_memory_message(tmp_path, monkeypatch, ext):
+    from arssr_jax.nifti import reading
+
+    monkeypatch.setattr(reading, "host_available_bytes", lambda: 1000)
+    p = _write(tmp_path / f"real{ext}", _rand((8, 8, 8)))
+    msg = _err(load, p)
+    assert f"real{ext}" in msg and "GiB" in msg and "larger machine" in msg and "corrupt" not in msg, msg
+    monkeypatch.setattr(reading, "_STREAM_CHECK_BYTES", 0)  # a compressed file is then counted first
+    short = _raw(tmp_path / f"short{ext}", (20, 20, 20), b"\0" * 16000, gz=ext.endswith(".gz"))  # 32000 claimed
+    msg = _err(load, short)
+    assert "truncated or corrupt" in msg and "GiB" not in msg, msg
 
 
 # --------------------------------------------------------------------------- atomic save

@@ -13,7 +13,7 @@ from arssr_jax.coords import make_grid
 from arssr_jax.errors import ArSSRError
 from arssr_jax.models import predict
 from arssr_jax.weights import load_model, load_torch_reference
-from torch_reference import make_reference
+from arssr_jax.testing.torch_reference import make_reference
 
 VOLUME_SHAPE = (7, 9, 11)
 SCALE = 1.7  # non-integer

@@ -98,8 +98,9 @@ def test_configs_round_trip_and_load(tmp_path):
     assert config_differences(tiny(), tiny().replace(steps=9, seed=1)) == ["seed"]
     other_conv = tiny().replace(model=tiny().model.replace(conv_impl="lax"))
     assert config_differences(tiny(), other_conv) == []  # no parameter changes: resumable elsewhere
-    other_step = tiny().replace(model=tiny().model.replace(consistency=((2, 1.0), (4, 0.5))))
-    assert config_differences(tiny(), other_step) == []  # inference only: a run resumes with a new step
+    older = json.loads(tiny().to_json())  # a run saved when the model's config held the consistency step
+    older["model"]["consistency"] = [[2, 1.0], [4, 0.5]]
+    assert type(tiny()).from_dict(older) == tiny()  # an inference option now: the run resumes
     assert config_differences(paper(), paper().replace(data=dataclasses.replace(paper().data, worker_count=0, prefetch=1))) == []
     assert config_differences(tiny(), other_conv.replace(model=other_conv.model.replace(feature_dim=5))) == ["model.feature_dim"]
 
@@ -196,6 +197,14 @@ def test_loss_falls_on_real_data_and_workdir_is_a_model(tmp_path):
         np.testing.assert_array_equal(a, b)
     out = predict(model, params, jnp.zeros((1, 6, 6, 6, 1)), jnp.zeros((1, 5, 3)))
     assert out.shape == (1, 5, 1)
+    # exported with the consistency step it is meant to run with: saved in its own block
+    from arssr_jax.cli import main as cli_main
+    from arssr_jax.weights import load_options
+
+    exported = workdir.parent / "exported"
+    assert cli_main(["export", str(workdir), str(exported), "--consistency", "2:0.75", "3:0.25", "--quiet"]) == 0
+    assert load_options(exported).consistency == ((2.0, 0.75), (3.0, 0.25)) and load_model(exported)[2] == config.model
+    assert load_options(workdir).consistency == 0.0
 
     # a different config in the same workdir is refused; resuming past the end does nothing
     with pytest.raises(ArSSRError, match="different config"):

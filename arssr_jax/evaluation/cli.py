@@ -67,11 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalize", action="store_true",
                    help="feed ArSSR models the [0, 1] inputs as they are (the reference's released weights); "
                    "by default they normalise their input as arssr-jax upsample does")
-    p.add_argument("--consistency", type=float, default=None, metavar="STEP",
-                   help="override the ArSSR models' data-consistency step, 0 to 1, at every scale (default: each model's own)")
-    p.add_argument("--dim-damping", type=float, default=None, metavar="D",
-                   help="override the ArSSR models' damping of the network's correction in dim voxels, 0 to 1 "
-                   "(default: each model's own; 0 = the network's correction as it is)")
+    p.add_argument("--consistency", nargs="+", default=None, metavar="STEP",
+                   help="override the ArSSR models' data-consistency step: 0 to 1 at every scale, or SCALE:STEP "
+                   "pairs (default: each model's own)")
     p.add_argument("--figure-volume", type=int, default=0, help="index of the volume shown in the figures (0)")
     p.add_argument("--figure-scale", type=float, default=None, help="scale shown in the figures (largest)")
     p.add_argument("--no-figures", action="store_true")
@@ -109,6 +107,7 @@ def load_min_max(path):
 def run_evaluation(args) -> list[Path]:
     from arssr_jax.data.volumes import find_volume_files
     from arssr_jax.evaluation import figures, protocol, runners, tables
+    from arssr_jax.options import schedule_from_words
 
     if bool(args.hr) == bool(args.real):
         raise ArSSRError("give HR test volumes (simulated mode) or --real LR scans, not both and not neither")
@@ -128,8 +127,9 @@ def run_evaluation(args) -> list[Path]:
     models = [runners.interpolation_runner("nearest")] if args.nearest else []
     models.append(runners.interpolation_runner("tricubic"))
     models += [runners.baseline_runner(spec, tile=args.tile) for spec in args.baseline]
-    models += [runners.arssr_runner(spec, normalize=not args.no_normalize, consistency=args.consistency,
-                                   dim_damping=args.dim_damping) for spec in args.arssr]
+    consistency = schedule_from_words(args.consistency)
+    models += [runners.arssr_runner(spec, normalize=not args.no_normalize, consistency=consistency)
+               for spec in args.arssr]
     runners.unique_labels(models)
 
     items = [(f, functools.partial(load_min_max, f)) for f in files]  # each loaded at its turn

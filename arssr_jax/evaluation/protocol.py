@@ -195,10 +195,7 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
     ``clip_lr``: clip the simulated LR at 0, as a magnitude image is (the spline's
     undershoot next to a dark background is otherwise negative).
     """
-    scales = check_scales(scales)
-    metrics = check_metrics(metrics)
-    _check_fixed_scales(runners, scales)
-    fig_scale = _figure_scale(scales, figure_scale)
+    scales, metrics, fig_scale = _checked_plan(runners, scales, metrics, figure_scale)
     records, figure = [], None
     bar = progress_counter(len(volumes) * len(scales), "evaluate", unit="case", enabled=not quiet)
     try:
@@ -217,15 +214,8 @@ def evaluate_simulated(volumes: Sequence[tuple[str, np.ndarray]], runners: list[
                 if clip_lr:
                     lr = np.maximum(lr, 0.0)
                 keep = v == figure_volume and math.isclose(s, fig_scale)
-                outputs = {}
-                for r in runners:
-                    if not r.serves(s):
-                        continue
-                    sr = r(lr, hr.shape)
-                    records.append(dict(volume=name, scale=s, model=r.label, kind=r.kind,
-                                        **reference_scores(sr, hr, mask, tissue, metrics, head, bands)))
-                    if keep:
-                        outputs[r.label] = sr
+                outputs = _run_case(records, runners, name, s, lambda r: r(lr, hr.shape),
+                                    lambda sr: reference_scores(sr, hr, mask, tissue, metrics, head, bands), keep)
                 if keep:
                     figure = FigureCase(name, s, lr, outputs, hr)
                 bar.update(1)
@@ -243,10 +233,7 @@ def evaluate_real(scans: Sequence[tuple[str, np.ndarray]], runners: list[Runner]
     from arssr_jax.coords import grid_for_scale
     from arssr_jax.interpolation import tricubic
 
-    scales = check_scales(scales)
-    metrics = check_metrics(metrics, real=True)
-    _check_fixed_scales(runners, scales)
-    fig_scale = _figure_scale(scales, figure_scale)
+    scales, metrics, fig_scale = _checked_plan(runners, scales, metrics, figure_scale, real=True)
     records, figure = [], None
     bar = progress_counter(len(scans) * len(scales), "evaluate (real scans)", unit="case", enabled=not quiet)
     try:
@@ -257,22 +244,35 @@ def evaluate_real(scans: Sequence[tuple[str, np.ndarray]], runners: list[Runner]
                 shape = grid_for_scale(lr.shape, s).shape
                 reference = tricubic(lr, shape=shape)
                 mask = reference > M.otsu_threshold(reference)
+                run = lambda r: reference if r.kind == "interpolation" and r.label == "tricubic" else r(lr, shape)
                 keep = v == figure_volume and math.isclose(s, fig_scale)
-                outputs = {}
-                for r in runners:
-                    if not r.serves(s):
-                        continue
-                    sr = reference if r.kind == "interpolation" and r.label == "tricubic" else r(lr, shape)
-                    records.append(dict(volume=name, scale=s, model=r.label, kind=r.kind,
-                                        **no_reference_scores(sr, mask, metrics)))
-                    if keep:
-                        outputs[r.label] = sr
+                outputs = _run_case(records, runners, name, s, run, lambda sr: no_reference_scores(sr, mask, metrics), keep)
                 if keep:
                     figure = FigureCase(name, s, lr, outputs, None)
                 bar.update(1)
     finally:
         bar.close()
     return Results(records, _model_order(runners), scales, metrics, "real", None, figure)
+
+
+def _checked_plan(runners, scales, metrics, figure_scale, real=False) -> tuple:
+    """(scales, metrics, the figure's scale) checked against each other and the runners."""
+    scales = check_scales(scales)
+    _check_fixed_scales(runners, scales)
+    return scales, check_metrics(metrics, real=real), _figure_scale(scales, figure_scale)
+
+
+def _run_case(records: list, runners, name, scale, run, score, keep: bool) -> dict:
+    """Every runner that serves ``scale`` on one case: its scores appended to ``records``; with
+    ``keep``, its output returned by label (for the figure; else none is held)."""
+    outputs = {}
+    for r in runners:
+        if r.serves(scale):
+            sr = run(r)
+            records.append(dict(volume=name, scale=scale, model=r.label, kind=r.kind, **score(sr)))
+            if keep:
+                outputs[r.label] = sr
+    return outputs
 
 
 def _figure_scale(scales, requested) -> float:

@@ -67,24 +67,17 @@ def baseline_runner(spec: str, tile: int = 64) -> Runner:
     return Runner(label, "baseline", fn, scale=float(document["scale"]), info=info)
 
 
-def arssr_runner(spec, tile=None, chunk=None, normalize=True, consistency=None, dim_damping=None) -> Runner:
+def arssr_runner(spec, tile=None, chunk=None, normalize=True, consistency=None) -> Runner:
     """``[LABEL=]DIR_OR_NAME`` or a (module, params) pair; the label defaults to ArSSR-<encoder>.
-    ``consistency``, ``dim_damping``: override the model's own (None: keep it)."""
-    from arssr_jax.inference import consistency_schedule, resolve_model, upsample
-    from arssr_jax.weights import load_model
+    ``consistency``: override the model's own (None: keep it)."""
+    from arssr_jax.inference import Upsampler
 
-    if isinstance(spec, tuple):
-        label, (module, params) = None, spec
-        source = "in memory"
-    else:
-        label, source = _split(str(spec), "=")
-        module, params, _ = load_model(source)
-    label = label or f"ArSSR-{module.config.encoder}"
-    pair = resolve_model((module, params), dim_damping=dim_damping)  # a bad value fails before any work
-    schedule = consistency_schedule(module.config, consistency)
-    fn = lambda lr, shape: upsample(lr, pair, shape=shape, normalize=normalize, consistency=schedule, tile=tile,
-                                    chunk=chunk)
-    return Runner(label, "arssr", fn, info={"source": str(source), "encoder": module.config.encoder})
+    label, model = (None, spec) if isinstance(spec, tuple) else _split(str(spec), "=")
+    upsampler = Upsampler(model, consistency=consistency, normalize=normalize, tile=tile, chunk=chunk)
+    label = label or f"ArSSR-{upsampler.config.encoder}"
+    fn = lambda lr, shape: upsampler(lr, shape=shape)
+    source = "in memory" if isinstance(spec, tuple) else str(model)
+    return Runner(label, "arssr", fn, info={"source": source, "encoder": upsampler.config.encoder})
 
 
 def _split(spec: str, separator: str) -> tuple[Optional[str], str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
 from typing import Any
 
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 from arssr_jax.models.conv import CONV_IMPL_CHOICES
 from arssr_jax.models.decoder import Decoder
 from arssr_jax.models.encoders import ENCODERS
+from arssr_jax.options import split_model_block
 from arssr_jax.sampling import PADDING_MODES, sample_features_batched
 from arssr_jax.spline import PREFILTER_RADIUS, local_range, prefilter, sample_cubic_batched
 
@@ -42,19 +42,6 @@ class ModelConfig:
     # backend, lax elsewhere), "lax", "fold2d" or "winograd". Same parameters and results
     # within float32 rounding; only speed differs.
     conv_impl: str = "auto"
-    # Whole-volume inference only (arssr_jax.consistency): after decoding, move the output
-    # this fraction of the way towards agreeing with its input (0: the network's output as
-    # it is, as the reference; 1: full agreement), or a step per scale as (scale, step)
-    # pairs, linear in between. Point queries (decode) ignore it.
-    consistency: float | tuple = 0.0
-    # Residual mode, inference only (training never sees it): scale the network's correction
-    # by 1 - dim_damping where the input's tricubic value (in its normalised units) lies in
-    # the dim band, fading to no damping across its edges. dim_band = (a, b, c, d): full
-    # damping from b to c, none below a or above d, linear in between. There the LR cannot
-    # tell a soft rim (a template's mask edge, dim CSF) from a sharp edge to background, and
-    # the network sharpens both. 0: off (the network's correction as it is).
-    dim_damping: float = 0.0
-    dim_band: tuple = (0.07, 0.1, 0.2, 0.23)
 
     def __post_init__(self):
         options = self.encoder_options
@@ -73,8 +60,6 @@ class ModelConfig:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
         if self.residual not in RESIDUAL_MODES:
             raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
-        object.__setattr__(self, "consistency", _checked_consistency(self.consistency))
-        _check_dim_damping(self)
         if not isinstance(self.conv_impl, str) or self.conv_impl not in CONV_IMPL_CHOICES:
             raise ValueError(f"conv_impl must be one of {CONV_IMPL_CHOICES}, got {self.conv_impl!r:.40}")
 
@@ -93,7 +78,10 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict, source: str = "model config") -> "ModelConfig":
+        """The config a ``to_dict`` wrote; fields older versions wrote that are now inference
+        options (:mod:`arssr_jax.options`) or removed are set aside (with a note if removed)."""
+        values, _ = split_model_block(values, source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -102,59 +90,6 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-
-def _checked_consistency(schedule):
-    """``consistency`` (arssr_jax.consistency): a number from 0 to 1 as a float, or (scale, step)
-    pairs (a sequence or a {scale: step} mapping) as a tuple of float pairs sorted by scale;
-    ValueError naming the fault otherwise. Here, not beside back_project, so that building a
-    config does not load scipy."""
-    if _is_step(schedule):
-        return float(schedule)
-    pairs = schedule.items() if isinstance(schedule, dict) else schedule
-    try:
-        pairs = [(scale, step) for scale, step in pairs]
-    except (TypeError, ValueError):  # not a sequence of pairs
-        pairs = []
-    if not (pairs and all(_is_scale(scale) and _is_step(step) for scale, step in pairs)
-            and len({float(scale) for scale, _ in pairs}) == len(pairs)):
-        raise ValueError(f"consistency must be a number from 0 to 1, or (scale, step) pairs with distinct "
-                         f"scales of at least 1 and steps from 0 to 1; got {schedule!r:.60}")
-    return tuple(sorted((float(scale), float(step)) for scale, step in pairs))
-
-
-def _check_dim_damping(config: "ModelConfig") -> None:
-    """``dim_damping`` a number from 0 to 1 (above 0 only in residual mode); ``dim_band`` four
-    increasing finite numbers, as floats (a JSON list becomes a tuple)."""
-    if not _is_step(config.dim_damping):
-        raise ValueError(f"dim_damping must be a number from 0 to 1, got {config.dim_damping!r:.40}")
-    if config.dim_damping and config.residual != "tricubic":
-        raise ValueError("dim_damping damps the correction of a model with residual='tricubic'; this one predicts "
-                         "intensities directly (residual='none'): use dim_damping 0")
-    band = config.dim_band
-    try:
-        points = [float(x) for x in band if not isinstance(x, bool)]
-    except (TypeError, ValueError):
-        points = []
-    four_finite = len(points) == len(band) == 4 and all(math.isfinite(x) for x in points)
-    if not (four_finite and points[0] < points[1] <= points[2] < points[3]):
-        raise ValueError(f"dim_band must be four finite numbers a < b <= c < d, got {band!r:.60}")
-    object.__setattr__(config, "dim_damping", float(config.dim_damping))
-    object.__setattr__(config, "dim_band", tuple(points))
-
-
-def band_weight(values, band):
-    """1 on [b, c] of ``band`` = (a, b, c, d), 0 outside (a, d), linear in between."""
-    a, b, c, d = band
-    return jnp.clip(jnp.minimum((values - a) / (b - a), (d - values) / (d - c)), 0.0, 1.0)
-
-
-def _is_step(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 0.0 <= value <= 1.0
-
-
-def _is_scale(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 1.0 <= value < float("inf")
 
 
 # Sizes a config may ask for: beyond these a config is damaged or hostile (a model of
@@ -198,8 +133,7 @@ class ArSSR(nn.Module):
     final ReLU. The model starts from interpolation (a zero last layer gives exactly
     tricubic), cannot erase what the input shows, adds nothing where the input is flat,
     never moves a value by more than the local contrast, and its correction scales with
-    that contrast, so it follows the input's intensity scale. ``dim_damping`` shrinks the
-    correction towards tricubic where tricubic(p) lies in ``dim_band``.
+    that contrast, so it follows the input's intensity scale.
     """
 
     config: ModelConfig = ModelConfig()
@@ -229,10 +163,7 @@ class ArSSR(nn.Module):
             return out
         base = sample_cubic_batched(features[..., f], coords)[..., None]
         contrast = sample_features_batched(features[..., f + 1 :], coords, "border")
-        correction = contrast * jnp.tanh(out)
-        if self.config.dim_damping:
-            correction = correction * (1.0 - self.config.dim_damping * band_weight(base, self.config.dim_band))
-        return base + correction
+        return base + contrast * jnp.tanh(out)
 
     def __call__(self, volume, coords):
         return self.decode(self.encode(volume), coords)

@@ -450,13 +450,11 @@ def save_config(config: TrainConfig, workdir) -> Path:
 
 def config_differences(a: TrainConfig, b: TrainConfig,
                        ignore=("steps", "epochs", "log_every", "data.cache_dir", "data.worker_count",
-                               "data.read_threads", "data.prefetch", "model.conv_impl",
-                               "model.consistency", "model.dim_damping", "model.dim_band")) -> list:
+                               "data.read_threads", "data.prefetch", "model.conv_impl")) -> list:
     """Dotted names of the fields where two configs differ (ignored: run-length fields; how the
     input pipeline runs (the cache's folder, workers, threads, prefetch), which changes no batch;
-    the convolution's formulation, which changes no parameter: a run started on one machine
-    resumes on another; and the data-consistency step and dim damping, which only inference
-    applies)."""
+    and the convolution's formulation, which changes no parameter: a run started on one machine
+    resumes on another)."""
 
     def flat(d, prefix=""):
         out = {}

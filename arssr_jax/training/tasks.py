@@ -107,8 +107,7 @@ class BaselineTask:
 def make_task(config: TrainConfig) -> Task:
     """The task of a (validated) config."""
     if config.baseline is None:
-        # The dim damping is applied by inference only: training fits the network's own correction.
-        return ArSSRTask(build_model(config.model.replace(dim_damping=0.0)), (config.data.lr_size,) * 3,
+        return ArSSRTask(build_model(config.model), (config.data.lr_size,) * 3,
                          config.init_output,
                          description=config.model.encoder, loss_name=config.loss,
                          loss_balance=config.loss_balance, ssim_weight=config.ssim_weight,

@@ -1,11 +1,13 @@
-"""Model directories: ``config.json`` (the ModelConfig) + ``params.msgpack`` (Flax params).
+"""Model directories: ``config.json`` (the ModelConfig, and the inference options the model
+is meant to run with) + ``params.msgpack`` (Flax params).
 
 ``params.msgpack`` is ``flax.serialization.msgpack_serialize`` of the nested parameter
 dict (float32 arrays). Writes go to a temporary sibling directory that is renamed into
 place, so an interrupted save never leaves a half-written model.
 
 ``load_model(spec)`` accepts a model directory, a training work directory (its best or
-latest orbax checkpoint) or the name of a model shipped inside the package.
+latest orbax checkpoint) or the name of a model shipped inside the package;
+``load_options(spec)`` gives the options saved with it (a workdir's are the defaults).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flax import serialization
 from arssr_jax import tempfiles
 from arssr_jax.errors import ArSSRError
 from arssr_jax.models import ArSSR, ModelConfig, build_model, count_params
+from arssr_jax.options import InferenceOptions, split_model_block
 from arssr_jax.weights.params import check_params, numpy_tree
 from arssr_jax.weights.workdir import is_training_workdir, load_inference_params
 
@@ -30,9 +33,11 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_MODEL = "default"
 
 
-def save_model(directory, config: ModelConfig, params, metadata: dict | None = None) -> Path:
+def save_model(directory, config: ModelConfig, params, metadata: dict | None = None,
+               options: InferenceOptions | None = None) -> Path:
     """Write a model directory atomically; an existing directory is replaced whole."""
-    document = {"format": FORMAT, "model": json.loads(config.to_json()), "metadata": metadata or {}}
+    document = {"format": FORMAT, "model": json.loads(config.to_json()),
+                "inference": (options or InferenceOptions()).saved(), "metadata": metadata or {}}
     return write_model_files(directory, document, numpy_tree(params))
 
 
@@ -102,28 +107,38 @@ def _restore_set_aside(directory: Path, parent: Path) -> None:
             return
 
 
+def read_model_document(directory) -> tuple[ModelConfig, InferenceOptions, dict]:
+    """(config, inference options, metadata) of a model directory's ``config.json``. A config
+    written before the options had their own block carries its consistency step in the model's."""
+    config_path = Path(directory) / CONFIG_FILE
+    try:
+        document = json.loads(config_path.read_text())
+        if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
+            raise ValueError('expected a JSON object with a "model" object')
+        model, moved = split_model_block(document["model"], str(config_path))
+        config = ModelConfig.from_dict(model)
+    except (ValueError, KeyError, TypeError, OSError, RecursionError) as error:
+        detail = " ".join(str(error).split())[:200]
+        raise ArSSRError(f"{config_path} is not a valid model config ({detail}); re-create the model directory "
+                         "(arssr-jax export or convert-torch)") from None
+    options = InferenceOptions.from_saved(document.get("inference", moved), str(config_path))
+    metadata = document.get("metadata", {})
+    return config, options, metadata if isinstance(metadata, dict) else {}
+
+
 def read_model_dir(directory) -> tuple[ModelConfig, dict, dict]:
     """(config, params, metadata) of a model directory, checked against the config's shapes."""
     directory = Path(directory)
     config_path, params_path = directory / CONFIG_FILE, directory / PARAMS_FILE
     if not config_path.is_file() or not params_path.is_file():
         raise ArSSRError(f"{directory} is not a model directory (needs {CONFIG_FILE} and {PARAMS_FILE})")
-    try:
-        document = json.loads(config_path.read_text())
-        if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
-            raise ValueError('expected a JSON object with a "model" object')
-        config = ModelConfig.from_dict(document["model"])
-    except (ValueError, KeyError, TypeError, OSError, RecursionError) as error:
-        detail = " ".join(str(error).split())[:200]
-        raise ArSSRError(f"{config_path} is not a valid model config ({detail}); re-create the model directory "
-                         "(arssr-jax export or convert-torch)") from None
+    config, _, metadata = read_model_document(directory)
     try:
         params = serialization.msgpack_restore(params_path.read_bytes())
     except Exception as error:  # msgpack raises several unrelated types
         raise ArSSRError(f"{params_path} is damaged ({type(error).__name__}); re-create the model directory")
     check_params(config, params, str(directory))
-    metadata = document.get("metadata", {})
-    return config, params, metadata if isinstance(metadata, dict) else {}
+    return config, params, metadata
 
 
 def available_models() -> list[str]:
@@ -133,26 +148,38 @@ def available_models() -> list[str]:
     return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_FILE).is_file())
 
 
-def load_model(spec=None) -> tuple[ArSSR, dict, ModelConfig]:
-    """(model, params, config) from a model directory, training workdir or shipped name."""
+def locate_model(spec=None) -> tuple[str, Path]:
+    """("dir", path) of a model directory (a shipped name included) or ("workdir", path) of a
+    training workdir that ``spec`` names (None: the shipped default)."""
     spec = DEFAULT_MODEL if spec is None else spec
     path = Path(spec)
     if not path.exists() and path.parent.is_dir() and os.access(path.parent, os.W_OK):
         _restore_set_aside(path, path.parent)  # a save killed between its two renames
     if path.is_dir() and (path / CONFIG_FILE).is_file():
-        config, params, _ = read_model_dir(path)
-    elif path.is_dir() and is_training_workdir(path):
-        config, params = load_inference_params(path)
-    elif str(spec) in available_models():
-        config, params, _ = read_model_dir(PRETRAINED_DIR / str(spec))
-    elif path.exists():
+        return "dir", path
+    if path.is_dir() and is_training_workdir(path):
+        return "workdir", path
+    if str(spec) in available_models():
+        return "dir", PRETRAINED_DIR / str(spec)
+    if path.exists():
         raise ArSSRError(
             f"{spec} is neither a model directory ({CONFIG_FILE} + {PARAMS_FILE}) nor a training work directory"
         )
-    else:
-        names = ", ".join(available_models()) or "none shipped"
-        raise ArSSRError(f"model {spec!r} not found: give a model directory, a training workdir or a shipped name ({names})")
+    names = ", ".join(available_models()) or "none shipped"
+    raise ArSSRError(f"model {spec!r} not found: give a model directory, a training workdir or a shipped name ({names})")
+
+
+def load_model(spec=None) -> tuple[ArSSR, dict, ModelConfig]:
+    """(model, params, config) from a model directory, training workdir or shipped name."""
+    kind, path = locate_model(spec)
+    config, params = read_model_dir(path)[:2] if kind == "dir" else load_inference_params(path)
     return build_model(config), params, config
+
+
+def load_options(spec=None) -> InferenceOptions:
+    """The inference options saved with a model (a training workdir's: the defaults)."""
+    kind, path = locate_model(spec)
+    return read_model_document(path)[1] if kind == "dir" else InferenceOptions()
 
 
 def describe(config: ModelConfig, params) -> str:

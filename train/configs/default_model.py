@@ -12,7 +12,10 @@ anatomical.nii, the INIA19 macaque template): see eval/evaluate.py.
 
     python train/prepare_data.py data
     arssr-jax train --config train/configs/default_model.py --workdir runs/default
-    arssr-jax export runs/default model
+    arssr-jax export runs/default model --consistency 2:0.75 3:0.25
+
+The export's data-consistency schedule (an inference option saved beside the model) is the
+best step per scale on the training volumes: python eval/consistency_sweep.py.
 """
 
 from arssr_jax.data import AugmentConfig, DataConfig
@@ -33,16 +36,6 @@ def get_config():
             padding="border",
             # Predict a correction to the input's tricubic interpolant, scaled by local contrast.
             residual="tricubic",
-            # After decoding a whole volume, remove part of the output's disagreement with its
-            # input (arssr_jax.consistency): 0.75 at x2, 0.5 at x2.5, 0.25 from x3 (linear in
-            # between), the best step at each scale on the training volumes
-            # (eval/consistency_sweep.py); applied by inference only (training never sees it).
-            consistency=((2.0, 0.75), (3.0, 0.25)),
-            # Where the input's tricubic value is 0.1-0.2 of its normalised range, keep only 20 %
-            # of the network's correction (fading to all of it at 0.07 and 0.23): there the LR
-            # cannot tell a soft rim from a sharp edge to background. Applied by inference only;
-            # chosen on two held-out sources (README model card), so they are not blind to it.
-            dim_damping=0.8, dim_band=(0.07, 0.1, 0.2, 0.23),
         ),
         data=DataConfig(
             paths=("data/train",), patch_size=40, lr_size=10, scale_min=2.0, scale_max=4.0,

@@ -1,4 +1,5 @@
-"""A PyTorch mirror of the reference ArSSR, written from docs/REFERENCE.md for tests.
+"""A PyTorch mirror of the reference ArSSR, written from docs/REFERENCE.md, for the tests
+and the benchmarks. It imports torch; the library proper never imports it.
 
 Module names reproduce the reference's state_dict keys; arrays are in the
 reference's own (SimpleITK) axis order: coordinate k indexes tensor axis k + 2.
