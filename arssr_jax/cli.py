@@ -34,8 +34,10 @@ def _upsample(args) -> None:
     scale = _one_or_three(args.scale, "--scale")
     voxel_size = _one_or_three(args.voxel_size, "--voxel-size")
     overrides = dict(consistency=schedule_from_words(args.consistency), normalize=False if args.no_normalize else None,
-                     chunk=args.chunk, tile=args.tile)
+                     chunk=args.chunk, tile=args.tile, slice_profile=args.slice_profile,
+                     slice_thickness=args.slice_thickness)
     InferenceOptions().replace(**overrides)  # every value checked before anything is loaded
+    adapt_config = _adapt_config(args)
     jobs = _upsample_jobs(args)
     if scale is not None and not args.quiet:
         low = [s for s in (scale if isinstance(scale, tuple) else (scale,)) if 0 < s < 1]
@@ -53,11 +55,57 @@ def _upsample(args) -> None:
     upsampler = Upsampler(args.model, padding=args.padding, **overrides)  # a bad --model fails once
     target = dict(scale=scale, voxel_size=voxel_size, like=like, volume_index=args.volume_index)
     if jobs is None:  # upsample IN OUT
-        result = upsampler.nifti(args.paths[0], args.paths[1], progress=not args.quiet, **target)
+        adapt = _adaptation(args, adapt_config, args.paths[0], print)
+        result = upsampler.nifti(args.paths[0], args.paths[1], progress=not args.quiet, adapt=adapt, **target)
         if not args.quiet:
             print(f"wrote {args.paths[1]}: {_describe(result)}")
         return
-    _upsample_many(args, upsampler, jobs, target)
+    _upsample_many(args, upsampler, jobs, target, adapt_config)
+
+
+ADAPT_FLAGS = (("--adapt-steps", "adapt_steps", "steps"), ("--adapt-seconds", "adapt_seconds", "time_budget"),
+               ("--adapt-seed", "adapt_seed", "seed"))
+
+
+def _adapt_config(args):
+    """The adaptation's settings from the --adapt flags and the slice profile (checked before
+    anything is loaded), or None."""
+    given = {field: getattr(args, name) for _, name, field in ADAPT_FLAGS if getattr(args, name) is not None}
+    if args.slice_profile is not None:
+        given["profile"] = args.slice_profile
+    if args.slice_thickness is not None:
+        given["fwhm" if args.slice_profile == "gaussian" else "thickness"] = args.slice_thickness
+    if not args.adapt:
+        stray = [flag for flag, name, _ in ADAPT_FLAGS if getattr(args, name) is not None]
+        if args.save_adapted is not None:
+            stray.append("--save-adapted")
+        if stray:
+            raise ArSSRError(f"{', '.join(stray)} set(s) how to adapt to the scan; add --adapt")
+        return None
+    from arssr_jax.adapt import AdaptConfig
+
+    config = AdaptConfig(**given)
+    if args.save_adapted is not None:
+        from arssr_jax.weights.model_dir import check_model_output
+
+        if args.out_dir is None:
+            check_model_output(args.save_adapted)
+        else:
+            _make_folder(args.save_adapted, "--save-adapted")
+    return config
+
+
+def _adaptation(args, config, in_path, log):
+    """The adaptation of one scan (None without --adapt); with --out-dir each scan's adapted model
+    goes to its own folder inside --save-adapted."""
+    if config is None:
+        return None
+    from arssr_jax.adapt import Adaptation
+
+    save_to = args.save_adapted
+    if save_to is not None and args.out_dir is not None:
+        save_to = os.path.join(save_to, _stem(in_path))
+    return Adaptation(config, save_to=save_to, log=None if args.quiet else log)
 
 
 def _describe(volume) -> str:
@@ -100,13 +148,7 @@ def _upsample_jobs(args):
     pattern = "{stem}_sr.nii.gz" if args.pattern is None else args.pattern
     if "{stem}" not in pattern and "{name}" not in pattern and len(paths) > 1:
         raise ArSSRError(f"--pattern {pattern!r} gives every input the same output name; include {{stem}}, e.g. '{{stem}}_sr.nii.gz'")
-    out_dir = args.out_dir
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ArSSRError(f"--out-dir {out_dir} is an existing file; give a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as error:
-        raise ArSSRError(f"cannot create --out-dir {out_dir} ({error.strerror or error}); create it or choose another folder") from None
+    out_dir = _make_folder(args.out_dir, "--out-dir")
     jobs, seen = [], {}
     for path in paths:
         out = os.path.join(out_dir, output_name(pattern, path))
@@ -120,7 +162,17 @@ def _upsample_jobs(args):
     return jobs
 
 
-def _upsample_many(args, upsampler, jobs, target) -> None:
+def _make_folder(folder, flag) -> str:
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ArSSRError(f"{flag} {folder} is an existing file; give a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ArSSRError(f"cannot create {flag} {folder} ({error.strerror or error}); create it or choose another folder") from None
+    return folder
+
+
+def _upsample_many(args, upsampler, jobs, target, adapt_config=None) -> None:
     """Upsample every (input, output) pair with one loaded model; a failed input is reported in one
     line and skipped; ArSSRError at the end if any failed (exit status 2)."""
     from arssr_jax.progress import progress_bar
@@ -136,7 +188,8 @@ def _upsample_many(args, upsampler, jobs, target) -> None:
 
     for in_path, out_path in bar:
         try:
-            result = upsampler.nifti(in_path, out_path, **target)
+            adapt = _adaptation(args, adapt_config, in_path, say)
+            result = upsampler.nifti(in_path, out_path, adapt=adapt, **target)
         except ArSSRError as error:
             failed += 1
             named = str(error) if str(in_path) in str(error) else f"{in_path}: {error}"
@@ -202,6 +255,26 @@ def _add_upsample(commands) -> None:
                     help="after decoding, remove this fraction (0 to 1) of the output's disagreement with the input, "
                     "at every scale, or per scale as SCALE:STEP pairs, linear in between (default: the model's own; "
                     "0 = the network's output as it is; 1 suits an acquired input, whose voxels average the tissue)")
+    up.add_argument("--slice-profile", choices=["box", "gaussian"], default=None,
+                    help="the input is a thick-slice scan whose slices measure the tissue with this profile: the "
+                    "consistency step makes the output's slices agree with the input's along its thick axis "
+                    "(default: none, the point step of --consistency; with --adapt on a thick-slice scan: box)")
+    up.add_argument("--slice-thickness", type=float, default=None, metavar="MM",
+                    help="the slices' thickness (box) or FWHM (gaussian) in mm (default: the slice spacing; "
+                    "smaller: a gap between slices)")
+    adapt = up.add_argument_group(
+        "adapting to the scan", "fine-tune the model on pairs cut from each input itself before decoding it: for a "
+        "thick-slice scan (one axis's spacing at least 1.5x the others') from its thin axes degraded with the slice "
+        "profile, otherwise from its own patches degraded around the requested scale; the model is kept when its "
+        "own held-out pairs do not improve")
+    adapt.add_argument("--adapt", action="store_true", help="adapt to each input before decoding it")
+    adapt.add_argument("--adapt-steps", type=int, default=None, metavar="N", help="optimiser steps (default 200)")
+    adapt.add_argument("--adapt-seconds", type=float, default=None, metavar="S",
+                       help="stop adapting after S seconds of training (default: no limit)")
+    adapt.add_argument("--adapt-seed", type=int, default=None, metavar="N", help="seed of the pairs (default 0)")
+    adapt.add_argument("--save-adapted", default=None, metavar="DIR",
+                       help="write the adapted model (a model directory --model loads; with --out-dir, one per input "
+                       "in DIR/<stem>)")
     up.add_argument("--chunk", type=int, default=None, help="at most this many HR voxels decoded per call (default 65536 on CPU, 2^20 on GPU)")
     up.add_argument("--tile", type=int, default=None, help="encoder tile core size in LR voxels (default: from free memory)")
     up.add_argument("--volume-index", type=int, default=None, metavar="I", help="volume of a 4D input to use")

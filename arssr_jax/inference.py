@@ -19,7 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from arssr_jax import coords as grids
-from arssr_jax.consistency import OUTPUT_COPIES, back_project, grid_scale, is_super_resolution
+from arssr_jax.consistency import (
+    OUTPUT_COPIES,
+    back_project,
+    back_project_slices,
+    grid_scale,
+    grid_scales,
+    is_super_resolution,
+    slices_measurable,
+)
 from arssr_jax.errors import ArSSRError
 from arssr_jax.intensity import Normalisation
 from arssr_jax.memory import available_memory_bytes
@@ -34,6 +42,7 @@ from arssr_jax.models import (
 )
 from arssr_jax.options import InferenceOptions
 from arssr_jax.progress import progress_bar
+from arssr_jax.slice_profile import thick_axis
 from arssr_jax.tiling import choose_tile_core, tiled_apply
 
 BYTES = 4  # float32
@@ -227,13 +236,12 @@ class Upsampler:
     ```
 
     ``options``: :class:`arssr_jax.options.InferenceOptions` to start from (default: those
-    saved with the model); ``consistency``, ``normalize``, ``chunk``, ``tile`` override them
-    (None: keep); ``padding`` overrides the model's feature padding.
+    saved with the model); keyword ``overrides`` (``consistency``, ``normalize``, ``chunk``,
+    ``tile``, ``slice_profile``, ``slice_thickness``) override them (None: keep); ``padding``
+    overrides the model's feature padding.
     """
 
-    def __init__(self, model=None, *, options: InferenceOptions | None = None, padding=None, consistency=None,
-                 normalize=None, chunk=None, tile=None):
-        overrides = dict(consistency=consistency, normalize=normalize, chunk=chunk, tile=tile)
+    def __init__(self, model=None, *, options: InferenceOptions | None = None, padding=None, **overrides):
         InferenceOptions().replace(**overrides)  # a bad value fails before the model is loaded
         module, params, saved = resolve_model(model, padding)
         self.options = (options or saved).replace(**overrides)
@@ -274,6 +282,20 @@ class Upsampler:
         """The data-consistency step for this grid (by its scale); 0 where it is no super-resolution."""
         return self.options.step_for(grid_scale(grid)) if is_super_resolution(grid) else 0.0
 
+    def agree_with_input(self, hr, lr, grid: grids.TargetGrid, lr_voxel_size=None) -> np.ndarray:
+        """The consistency step: along a thick-slice input's thick axis with its slice profile
+        (``slice_profile``; the input's voxel size, else the grid's scales, tells the axis), else
+        ``consistency``'s point step."""
+        profile, thickness = self.options.slice_profile, self.options.slice_thickness
+        if profile is not None:
+            scales = grid_scales(grid)
+            spacing = scales if lr_voxel_size is None else tuple(lr_voxel_size)
+            axis = thick_axis(spacing)
+            if axis is not None and slices_measurable(grid, lr.shape, axis):
+                width = None if thickness is None else thickness / (spacing[axis] / scales[axis])  # in HR voxels
+                return back_project_slices(hr, lr, grid, axis, profile, width)
+        return back_project(hr, lr, grid, self.consistency_step(grid))
+
     def decode_onto(self, volume: np.ndarray, grid: grids.TargetGrid, lr_voxel_size=None, adapt=None,
                     progress=False) -> np.ndarray:
         """The pipeline on a checked input and its grid: normalise, adapt (optional), encode,
@@ -287,7 +309,7 @@ class Upsampler:
         up = self if adapt is None else adapt.adapted(self, lr, lr_voxel_size, grid, progress=progress)
         features = encode_volume(up.module, up.params, lr, tile=self.options.tile, progress=progress)
         hr = decode_grid(up.module, up.params, features, grid, chunk=self.options.chunk, progress=progress)
-        hr = back_project(hr, lr, grid, up.consistency_step(grid))
+        hr = up.agree_with_input(hr, lr, grid, lr_voxel_size)
         hr = norm.undo(hr) if norm else hr
         if not np.all(np.isfinite(hr)):
             bad = int(hr.size - np.count_nonzero(np.isfinite(hr)))

@@ -22,6 +22,7 @@ from arssr_jax.errors import ArSSRError
 # the inference block; the dim damping was removed (its fields are ignored with a note).
 MOVED_MODEL_KEYS = ("consistency",)
 REMOVED_MODEL_KEYS = ("dim_damping", "dim_band")
+SLICE_PROFILES = ("box", "gaussian")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +32,18 @@ class InferenceOptions:
     the ends (0: the network's output as it is, as the reference). ``normalize``: map the
     input's 0.5th / 99.5th percentiles to 0 / 1 and back on output. ``chunk``: at most this many
     HR voxels per decoder call (None: by backend). ``tile``: the encoder's tile core in LR
-    voxels, one or three (None: from free memory)."""
+    voxels, one or three (None: from free memory). ``slice_profile``: the input is a thick-slice
+    acquisition whose slices measure the tissue with this profile ("box" or "gaussian") along its
+    thick axis: the consistency step then makes the output's slices, measured so, agree with the
+    input's (in place of ``consistency``'s point step); ``slice_thickness``: the box's thickness
+    or the Gaussian's FWHM in mm (None: the slice spacing)."""
 
     consistency: float | tuple = 0.0
     normalize: bool = True
     chunk: int | None = None
     tile: int | tuple | None = None
+    slice_profile: str | None = None
+    slice_thickness: float | None = None
 
     SAVED = ("consistency",)  # what a model directory keeps; the rest is a run's business
 
@@ -51,6 +58,12 @@ class InferenceOptions:
             if len(tile) != 3:
                 raise ArSSRError(f"--tile takes one number of LR voxels or three, got {self.tile!r:.40}")
             object.__setattr__(self, "tile", tuple(_positive_int(t, "--tile", "LR voxels") for t in tile))
+        if self.slice_profile not in (None,) + SLICE_PROFILES:
+            raise ArSSRError(f"--slice-profile must be one of {', '.join(SLICE_PROFILES)}, got {self.slice_profile!r:.40}")
+        if self.slice_thickness is not None:
+            if not (_is_number(self.slice_thickness) and 0 < self.slice_thickness < math.inf):
+                raise ArSSRError(f"--slice-thickness must be a positive number of mm, got {self.slice_thickness!r:.40}")
+            object.__setattr__(self, "slice_thickness", float(self.slice_thickness))
 
     def replace(self, **overrides) -> "InferenceOptions":
         """These options with every override that is not None applied (checked)."""

@@ -42,6 +42,12 @@ def tiny_dir(tiny, tmp_path_factory):
 # and resume, the notebook, the reference comparisons at full size). `pytest -m "not slow"`
 # is the fast tier for the edit-test loop; CI and the README's command run everything.
 SLOW = {
+    "test_adapt.py::test_adaptation_improves_the_scans_held_out_pairs_deterministically",
+    "test_adapt.py::test_a_step_that_cannot_help_keeps_the_start_model",
+    "test_adapt.py::test_time_budget_stops_early",
+    "test_adapt.py::test_isotropic_adaptation_runs",
+    "test_adapt.py::test_adaptation_in_the_pipeline_decodes_with_the_adapted_model_and_the_slice_profile",
+    "test_adapt.py::test_cli_adapts_saves_a_model_that_loads_and_refuses_bad_values_in_one_line",
     "test_models.py::test_small_configurations_run_and_compose",
     "test_models.py::test_each_encoder_knows_its_receptive_radius",
     "test_notebook.py::test_notebook_executes_without_errors",

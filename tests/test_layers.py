@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and those below):
   basics (errors, coords, tempfiles, progress, intensity, memory)
-  <- ops (conv, sampling, spline, interpolation, consistency, tiling, metrics)
+  <- ops (conv, sampling, spline, interpolation, slice profiles, consistency, tiling, metrics)
   <- models
   <- store (nifti, weights: model/baseline directories, training workdirs, the torch reader; flops)
   <- data, inference, curves (a run's log drawn)
@@ -25,7 +25,7 @@ import arssr_jax
 
 LAYERS = (
     ("errors", "coords", "tempfiles", "progress", "intensity", "memory", "options"),
-    ("models.conv", "sampling", "spline", "interpolation", "consistency", "tiling", "metrics"),
+    ("models.conv", "sampling", "spline", "interpolation", "slice_profile", "consistency", "tiling", "metrics"),
     ("models",),
     ("nifti", "weights", "flops"),
     ("data", "inference", "curves"),
