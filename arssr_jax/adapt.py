@@ -62,7 +62,7 @@ from arssr_jax.data.degrade import degrade_centred
 from arssr_jax.errors import ArSSRError
 from arssr_jax.models import ArSSR, decode_in_blocks, default_decode_block, encode
 from arssr_jax.progress import progress_counter
-from arssr_jax.slice_profile import PROFILES, apply_profile, profile_margin, thick_axis
+from arssr_jax.slice_profile import ANISOTROPY, PROFILES, apply_profile, profile_margin, thick_axis
 
 MODES = ("anisotropic", "isotropic")
 MIN_PAIR_SCALE = 1.1  # isotropic pairs are degraded by at least this much
@@ -108,23 +108,28 @@ class AdaptConfig:
                       0.5 for a scan whose voxels average over their extent, as an acquisition's do.
     """
 
+    # how long and how fast
     steps: int = 200
     learning_rate: float = 3e-4
+    time_budget: Optional[float] = None
+    seed: int = 0
+    # the pairs
     batch_size: int = 4
     lr_patch: int = 8
     inplane_patch: int = 24
     samples: int = 2048
-    seed: int = 0
+    # the scan's acquisition
     profile: str = "box"
     thickness: Optional[float] = None
     fwhm: Optional[float] = None
+    anisotropy: float = ANISOTROPY
+    # isotropic scans
+    scale_jitter: float = 0.2
+    box_fraction: float = 0.0
+    # validation
     validation_fraction: float = 0.25
     validation_pairs: int = 8
     checkpoints: int = 4
-    time_budget: Optional[float] = None
-    anisotropy: float = 1.5
-    scale_jitter: float = 0.2
-    box_fraction: float = 0.0
 
     def __post_init__(self):
         def integer(name, least):
@@ -203,7 +208,7 @@ class AdaptResult:
 # --------------------------------------------------------------------------- the mode
 
 
-def scan_mode(voxel_size, scales=None, anisotropy: float = 1.5) -> tuple:
+def scan_mode(voxel_size, scales=None, anisotropy: float = ANISOTROPY) -> tuple:
     """("anisotropic", thick axis) when one axis's spacing is at least ``anisotropy`` times
     each other's; ("isotropic", None) when no axis is; ArSSRError when two axes are thick
     and the user's ``scales`` do not single one of them out (the largest scale, on one axis)."""

@@ -217,6 +217,12 @@ def _one_or_three(values, flag):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _say(args, line: str) -> None:
+    """A summary line, unless --quiet."""
+    if not args.quiet:
+        print(line)
+
+
 def _command(commands, name, run, help, description, quiet="no summary line", **parser_options):
     """A subcommand that runs ``run(args)``, with its --quiet flag."""
     parser = commands.add_parser(name, help=help, description=description, **parser_options)
@@ -301,8 +307,7 @@ def _export(args) -> None:
     config, params = load_inference_params(args.workdir, step=args.step)
     options = InferenceOptions(consistency=schedule_from_words(args.consistency) or 0.0)
     save_model(args.output, config, params, {"source": str(args.workdir), "step": args.step or "best"}, options)
-    if not args.quiet:
-        print(f"wrote {args.output}: {describe(config, params)}")
+    _say(args, f"wrote {args.output}: {describe(config, params)}")
 
 
 def _add_export(commands) -> None:
@@ -322,9 +327,7 @@ def _add_export(commands) -> None:
 def _plot(args) -> None:
     from arssr_jax.curves import plot_curves  # numpy + matplotlib only, not the training stack
 
-    path = plot_curves(args.workdir, args.out)
-    if not args.quiet:
-        print(f"wrote {path}")
+    _say(args, f"wrote {plot_curves(args.workdir, args.out)}")
 
 
 def _add_plot(commands) -> None:

@@ -66,7 +66,8 @@ def read_log(path) -> dict:
             "validation": [validation[s] for s in sorted(validation)], "end": end, "total_steps": total}
 
 
-def _scale_key(scale: str):
+def scale_key(scale: str):
+    """Sort key of a validation scale's name: numbers in order, then any other names."""
     try:
         return (0, float(scale), "")
     except ValueError:
@@ -142,7 +143,7 @@ def _figure(log: dict, title: str):
     validation = log["validation"]
     bar_by_scale = bar.get("val_psnr_by_scale") or {}
     scales = sorted({s for r in validation for s in (r.get("val_psnr_by_scale") or {})} | set(bar_by_scale),
-                    key=_scale_key)
+                    key=scale_key)
     handles = []
     for i, scale in enumerate(scales):
         colour = f"C{i % 10}"

@@ -17,9 +17,12 @@ def test_notebook_executes_without_errors(tmp_path):
         output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
     )
     assert "features (33, 41, 25," in printed
-    scores = {m["name"]: (float(m["psnr"]), float(m["ssim"])) for m in re.finditer(
-        r"^(?P<name>\S.*?)\s+PSNR\s+(?P<psnr>[\d.]+) dB\s+SSIM (?P<ssim>[\d.]+)", printed, re.M)}
-    assert set(scores) == {"tricubic", "ArSSR, network only", "ArSSR"}, scores
-    assert scores["ArSSR"][0] > scores["tricubic"][0] and scores["ArSSR"][1] > scores["tricubic"][1], scores
+    rows = [(m["name"], float(m["psnr"]), float(m["ssim"])) for m in re.finditer(
+        r"^(?P<name>\S.*?)\s+PSNR\s+(?P<psnr>[\d.]+) dB\s+SSIM (?P<ssim>[\d.]+)", printed, re.M)]
+    assert [name for name, _, _ in rows] == ["tricubic", "ArSSR, network only", "ArSSR", "tricubic", "shipped", "adapted"]
+    simulated, thick = ({name: (p, s) for name, p, s in part} for part in (rows[:3], rows[3:]))
+    assert simulated["ArSSR"][0] > simulated["tricubic"][0] and simulated["ArSSR"][1] > simulated["tricubic"][1]
+    # the thick-slice scan: adapted above tricubic and the shipped model on both
+    assert all(thick["adapted"][k] > max(thick["tricubic"][k], thick["shipped"][k]) for k in (0, 1)), thick
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 4
+    assert len(images) >= 5

@@ -19,6 +19,8 @@ import os
 import time
 from pathlib import Path
 
+from arssr_jax.curves import scale_key
+
 INSTALL_HINT = 'pip install "arssr-jax[tensorboard]" (tensorboardX) to get them'
 
 
@@ -80,7 +82,7 @@ class EventLog:
         by_scale = metrics.get("val_psnr_by_scale", {}) or {}
         bar_by_scale = interpolation.get("val_psnr_by_scale", {}) or {}
         if not self._layout_written:
-            self._write_layout(sorted(set(by_scale) | set(bar_by_scale), key=_scale_key), interpolation_name)
+            self._write_layout(sorted(set(by_scale) | set(bar_by_scale), key=scale_key), interpolation_name)
         values = {"val/l1": metrics.get("val_l1"), "val/psnr": metrics.get("val_psnr"),
                   "interpolation/l1": interpolation.get("val_l1"), "interpolation/psnr": interpolation.get("val_psnr")}
         values.update({f"val/psnr_x{s}": v for s, v in by_scale.items()})
@@ -98,13 +100,6 @@ class EventLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def _scale_key(scale: str):
-    try:
-        return (0, float(scale), "")
-    except ValueError:
-        return (1, 0.0, str(scale))
 
 
 def read_scalars(workdir) -> dict:
