@@ -21,7 +21,7 @@ descendants (grain's worker processes):
    a training step taken as 3x the forward pass), a stated GPU rate and utilisation,
    and so the CPU cores per GPU the pipeline needs.
 
-    python eval/benchmark_input_pipeline.py                     # the issue's figures (~35 GB of disk)
+    python eval/benchmark_input_pipeline.py                     # the full figures (~35 GB of disk)
     python eval/benchmark_input_pipeline.py --count 6 --shape 96 96 96 --memory-counts 2 4 --batches 10
 """
 

@@ -1,4 +1,4 @@
-"""Everything measured on one GPU in one run of at most 8 minutes (issue #48), or on tiny sizes
+"""Everything measured on one GPU in one run of at most 8 minutes, or on tiny sizes
 on the CPU with --smoke (the tests run that: about a minute on 2 CPU cores).
 
     python eval/device_benchmark.py --out results/gpu        # on the GPU machine, first thing
@@ -84,7 +84,7 @@ PARTS = (
 
 
 def sizes(smoke: bool) -> dict:
-    """What each part measures: the issue's sizes, or tiny ones for --smoke."""
+    """What each part measures: the full sizes, or tiny ones for --smoke."""
     if smoke:  # one case of each kind
         return {"lr_shape": [6, 7, 6], "scales": [2.0], "dtypes": ["bfloat16"], "volume_shape": [128, 128, 128],
                 "pipeline_volumes": 1, "recipes": ["paper"], "chunk_models": ["paper"], "chunks": [2**10, 2**12],
@@ -221,7 +221,7 @@ def write_report(report: dict, out: str) -> None:
         os.replace(path + ".tmp", path)
 
 
-# -- the summary: the issue's targets ------------------------------------------------------------------
+# -- the summary: the targets -------------------------------------------------------------------------
 
 
 def find_row(report: dict, part: str, **match) -> dict | None:
