@@ -257,10 +257,6 @@ class Upsampler:
         """The ``(module, params)`` pair, accepted wherever a model spec is."""
         return self.module, self.params
 
-    def with_params(self, params) -> "Upsampler":
-        """The same model and options with other parameters (e.g. adapted to a scan)."""
-        return Upsampler((self.module, params), options=self.options)
-
     def __call__(self, volume, *, scale=None, shape=None, voxel_size=None, lr_voxel_size=None, grid=None,
                  adapt=None, progress=False) -> np.ndarray:
         """Super-resolve a 3D array (nibabel order) onto the grid given by exactly one of:

@@ -16,6 +16,8 @@ import math
 import numbers
 import sys
 
+import numpy as np
+
 from arssr_jax.errors import ArSSRError
 
 # Keys older model configs carried in their "model" block: the consistency step moved into
@@ -92,17 +94,10 @@ class InferenceOptions:
 
     def step_for(self, scale: float) -> float:
         """The consistency step at ``scale`` (HR voxels per LR voxel)."""
-        schedule = self.consistency
-        if _is_number(schedule):
-            return float(schedule)
-        below = [(s, step) for s, step in schedule if s <= scale]
-        above = [(s, step) for s, step in schedule if s >= scale]
-        if not below:
-            return above[0][1]
-        if not above:
-            return below[-1][1]
-        (s0, a), (s1, b) = below[-1], above[0]
-        return a if s1 == s0 else a + (b - a) * (scale - s0) / (s1 - s0)
+        if _is_number(self.consistency):
+            return float(self.consistency)
+        scales, steps = zip(*self.consistency)
+        return float(np.interp(scale, scales, steps))  # held beyond the ends
 
 
 def checked_schedule(schedule):
