@@ -168,6 +168,22 @@ def markdown(records) -> str:
     return "\n".join(lines) + "\n"
 
 
+def adapt_fields(parser, pairs):
+    """``FIELD=VALUE`` words as AdaptConfig fields, each value parsed as its field's type."""
+    import dataclasses
+    import typing
+
+    types = typing.get_type_hints(AdaptConfig)
+    fields = {}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        if name not in {f.name for f in dataclasses.fields(AdaptConfig)} or not text:
+            parser.error(f"--adapt-set {pair!r}: give FIELD=VALUE with an AdaptConfig field")
+        kind = next((t for t in typing.get_args(types[name]) if t is not type(None)), types[name])
+        fields[name] = kind(text)
+    return fields
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sources", nargs="*", default=None, help="ground-truth volumes (default: data/heldout/*.nii.gz)")
@@ -181,6 +197,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="adaptation steps (default: AdaptConfig's)")
     parser.add_argument("--lr", type=float, default=None, help="adaptation learning rate (default: AdaptConfig's)")
     parser.add_argument("--time-budget", type=float, default=None, help="adaptation seconds per case")
+    parser.add_argument("--adapt-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="other AdaptConfig fields, e.g. lr_patch=12 samples=4096 (for choosing a recipe on training sources)")
     parser.add_argument("--eclare", default=None, help="folder of ECLARE outputs <source>_x<f>_<profile>.nii.gz")
     parser.add_argument("--write-lr", default=None, metavar="DIR",
                         help="only write each case's LR and cropped source into DIR (inputs for eval/run_eclare.py)")
@@ -197,6 +215,7 @@ def main(argv=None):
         args.factors, args.profiles = [4], ["box"]
     args.adapt_changes = {k: v for k, v in (("steps", args.steps), ("learning_rate", args.lr),
                                             ("time_budget", args.time_budget)) if v is not None}
+    args.adapt_changes.update(adapt_fields(parser, args.adapt_set))
     from arssr_jax.weights import load_model
 
     module, params, _ = load_model(args.model)

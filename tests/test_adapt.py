@@ -193,6 +193,29 @@ def test_isotropic_adaptation_runs(shipped):
 # --------------------------------------------------------------------------- in the pipeline and the CLI
 
 
+def test_evaluation_adapted_row_adapts_each_input_as_upsample_does(shipped):
+    from arssr_jax import upsample
+    from arssr_jax.adapt import Adaptation
+    from arssr_jax.evaluation.runners import arssr_runner
+
+    volume = np.asarray(nibabel.load(ANATOMICAL).get_fdata(), np.float32)
+    volume = (volume - volume.min()) / (volume.max() - volume.min())
+    config = FAST.replace(steps=4, checkpoints=2)
+    runner = arssr_runner(shipped, adapt=config)
+    assert runner.label.endswith(" adapted") and runner.info["adapt"]["steps"] == 4
+    shape = tuple(2 * n for n in volume.shape)
+    adaptation = Adaptation(config)
+    expected = upsample(volume, shipped, shape=shape, adapt=adaptation)
+    assert adaptation.results[0].mode == "isotropic" and not adaptation.results[0].kept_start
+    np.testing.assert_array_equal(runner(volume, shape), expected)
+    plain = arssr_runner(shipped)(volume, shape)
+    assert np.abs(plain - expected).max() > 1e-4  # the adapted row is not the plain one
+    # a scan too small to cut pairs from: the row decodes it with the start model, and says so
+    tiny = volume[:6, :6, :6]
+    np.testing.assert_array_equal(runner(tiny, (12, 12, 12)), arssr_runner(shipped)(tiny, (12, 12, 12)))
+    assert [why for _, why in runner.info["skipped"]] and "too small" in runner.info["skipped"][0][1]
+
+
 def test_adaptation_in_the_pipeline_decodes_with_the_adapted_model_and_the_slice_profile(shipped, thick):
     from arssr_jax.adapt import Adaptation
     from arssr_jax.inference import Upsampler

@@ -168,6 +168,7 @@ def test_real_scan_mode_reports_only_no_reference_metrics(models, tmp_path):
     ([ANATOMICAL, "--real", ANATOMICAL], "not both"),
     ([ANATOMICAL, "--metrics", "psnr,lpips"], "unknown metric"),
     (["--real", ANATOMICAL, "--metrics", "psnr"], "no ground truth"),
+    ([ANATOMICAL, "--arssr", "default", "--adapt-steps", "0"], "adapt steps"),
 ])
 def test_user_errors_are_one_line(args, message, tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "o")]) == 2
@@ -316,6 +317,23 @@ def test_edge_tables_give_each_layer_and_band_its_own_errors():
     assert rows["outer layer, band 1 (0.1-0.2)"].startswith("| outer layer, band 1 (0.1-0.2) | 296 | +0.1000")
     assert rows["below it, band 9 (0.9-1.0)"].startswith("| below it, band 9 (0.9-1.0) | 216 | +0.1000")
     assert not any("outer layer, band 9" in line for line in table)
+
+
+def test_thick_slice_script_reads_adapt_fields_by_their_types():
+    sys.path.insert(0, os.path.join(ROOT, "eval"))
+    try:
+        import argparse
+
+        from thick_slice import adapt_fields
+    finally:
+        sys.path.pop(0)
+    parser = argparse.ArgumentParser()
+    fields = adapt_fields(parser, ["lr_patch=12", "learning_rate=1e-3", "fwhm=2.5", "profile=gaussian"])
+    assert fields == {"lr_patch": 12, "learning_rate": 1e-3, "fwhm": 2.5, "profile": "gaussian"}
+    assert type(fields["lr_patch"]) is int and type(fields["fwhm"]) is float
+    for bad in (["nosuch=1"], ["steps"], ["steps="]):
+        with pytest.raises(SystemExit):
+            adapt_fields(parser, bad)
 
 
 def test_edge_errors_script_scores_tricubic_and_the_model_as_upsample_runs_it(tmp_path):

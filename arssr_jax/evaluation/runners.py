@@ -16,7 +16,8 @@ the same voxels:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -67,17 +68,33 @@ def baseline_runner(spec: str, tile: int = 64) -> Runner:
     return Runner(label, "baseline", fn, scale=float(document["scale"]), info=info)
 
 
-def arssr_runner(spec, tile=None, chunk=None, normalize=True, consistency=None) -> Runner:
+def arssr_runner(spec, tile=None, chunk=None, normalize=True, consistency=None, adapt=None) -> Runner:
     """``[LABEL=]DIR_OR_NAME`` or a (module, params) pair; the label defaults to ArSSR-<encoder>.
-    ``consistency``: override the model's own (None: keep it)."""
+    ``consistency``: override the model's own (None: keep it). ``adapt``: an
+    :class:`~arssr_jax.adapt.AdaptConfig`: each LR is adapted to before it is decoded (label
+    suffix " adapted")."""
     from arssr_jax.inference import Upsampler
 
     label, model = (None, spec) if isinstance(spec, tuple) else _split(str(spec), "=")
     upsampler = Upsampler(model, consistency=consistency, normalize=normalize, tile=tile, chunk=chunk)
     label = label or f"ArSSR-{upsampler.config.encoder}"
-    fn = lambda lr, shape: upsampler(lr, shape=shape)
-    source = "in memory" if isinstance(spec, tuple) else str(model)
-    return Runner(label, "arssr", fn, info={"source": source, "encoder": upsampler.config.encoder})
+    info = {"source": "in memory" if isinstance(spec, tuple) else str(model), "encoder": upsampler.config.encoder}
+    if adapt is None:
+        return Runner(label, "arssr", lambda lr, shape: upsampler(lr, shape=shape), info=info)
+    from arssr_jax.adapt import Adaptation
+
+    adaptation = Adaptation(adapt)
+    skipped = []  # (LR shape, why) of the inputs decoded with the start model
+
+    def fn(lr, shape):
+        try:
+            return upsampler(lr, shape=shape, adapt=adaptation)
+        except ArSSRError as error:  # e.g. too small to cut pairs from: the row shows the start model there
+            skipped.append((tuple(lr.shape), str(error)))
+            print(f"{label} adapted: {error}; this case is decoded with the start model", file=sys.stderr)
+            return upsampler(lr, shape=shape)
+
+    return Runner(f"{label} adapted", "arssr", fn, info=dict(info, adapt=asdict(adapt), skipped=skipped))
 
 
 def _split(spec: str, separator: str) -> tuple[Optional[str], str]:
