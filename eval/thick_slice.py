@@ -180,7 +180,12 @@ def adapt_fields(parser, pairs):
         if name not in {f.name for f in dataclasses.fields(AdaptConfig)} or not text:
             parser.error(f"--adapt-set {pair!r}: give FIELD=VALUE with an AdaptConfig field")
         kind = next((t for t in typing.get_args(types[name]) if t is not type(None)), types[name])
-        fields[name] = kind(text)
+        if kind is bool:  # bool("false") is True
+            if text.lower() not in ("true", "false", "1", "0"):
+                parser.error(f"--adapt-set {pair!r}: {name} takes true or false")
+            fields[name] = text.lower() in ("true", "1")
+        else:
+            fields[name] = kind(text)
     return fields
 
 

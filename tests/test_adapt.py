@@ -87,7 +87,7 @@ def test_scan_mode_tells_the_thick_axis():
 @pytest.mark.parametrize("changes, word", [
     (dict(steps=0), "steps"), (dict(thickness=-1.0), "thickness"), (dict(learning_rate=0.0), "learning_rate"),
     (dict(profile="triangle"), "profile"), (dict(fwhm=float("nan")), "fwhm"), (dict(batch_size=1.5), "batch_size"),
-    (dict(time_budget=0), "time_budget"),
+    (dict(time_budget=0), "time_budget"), (dict(isotropic="yes"), "isotropic"),
 ])
 def test_bad_config_values_raise_one_line(changes, word):
     with pytest.raises(ArSSRError, match=word) as info:
@@ -181,13 +181,23 @@ def test_time_budget_stops_early(shipped, thick):
     assert result.steps_run == 1 and [h[0] for h in result.history] == [0, 1]
 
 
-def test_isotropic_adaptation_runs(shipped):
+def test_isotropic_scans_keep_the_start_model_unless_asked(shipped):
+    from arssr_jax.adapt import Adaptation
+    from arssr_jax.inference import Upsampler
+
     module, params = shipped
     volume = np.asarray(nibabel.load(ANATOMICAL).get_fdata(), np.float32)
     volume = (volume - volume.min()) / (volume.max() - volume.min())
-    result = adapt(module, params, volume, (2.0, 2.0, 2.0), (2, 2, 2), FAST.replace(steps=4, checkpoints=2))
-    assert result.mode == "isotropic" and result.thick_axis is None and result.ratio == 2.0
-    assert [h[0] for h in result.history] == [0, 2, 4]
+    left = adapt(module, params, volume, (2.0, 2.0, 2.0), (2, 2, 2), FAST)
+    assert left.mode == "isotropic" and left.kept_start and left.steps_run == 0 and left.params is params
+    assert "isotropic scan: not adapted" in left.message and "\n" not in left.message
+    messages = []
+    out = Upsampler(shipped)(volume, scale=2, adapt=Adaptation(FAST, log=messages.append))
+    np.testing.assert_array_equal(out, Upsampler(shipped)(volume, scale=2))
+    assert messages == [left.message]
+    forced = adapt(module, params, volume, (2.0, 2.0, 2.0), (2, 2, 2), FAST.replace(steps=4, checkpoints=2, isotropic=True))
+    assert forced.mode == "isotropic" and forced.thick_axis is None and forced.ratio == 2.0
+    assert [h[0] for h in forced.history] == [0, 2, 4] and forced.steps_run == 4
 
 
 # --------------------------------------------------------------------------- in the pipeline and the CLI
@@ -200,7 +210,7 @@ def test_evaluation_adapted_row_adapts_each_input_as_upsample_does(shipped):
 
     volume = np.asarray(nibabel.load(ANATOMICAL).get_fdata(), np.float32)
     volume = (volume - volume.min()) / (volume.max() - volume.min())
-    config = FAST.replace(steps=4, checkpoints=2)
+    config = FAST.replace(steps=4, checkpoints=2, isotropic=True)
     runner = arssr_runner(shipped, adapt=config)
     assert runner.label.endswith(" adapted") and runner.info["adapt"]["steps"] == 4
     shape = tuple(2 * n for n in volume.shape)
@@ -249,7 +259,8 @@ def test_cli_adapts_saves_a_model_that_loads_and_refuses_bad_values_in_one_line(
     assert image.shape == (33, 41, 24) and np.allclose(image.header.get_zooms(), (2, 2, 2))
     assert load_model(saved)[2] == load_model(None)[2] and load_options(saved) == load_options(None)
     for argv, words in ((["--adapt", "--adapt-steps", "0"], "steps"), (["--slice-thickness", "-1"], "slice-thickness"),
-                        (["--adapt-seconds", "5"], "add --adapt"), (["--save-adapted", str(tmp_path / "m")], "add --adapt")):
+                        (["--adapt-seconds", "5"], "add --adapt"), (["--save-adapted", str(tmp_path / "m")], "add --adapt"),
+                        (["--adapt-isotropic"], "add --adapt")):
         bad = tmp_path / "bad.nii.gz"
         assert main(["upsample", str(tmp_path / "thick.nii.gz"), str(bad), "--scale", "1", "1", "3", *argv]) == 2
         err = capsys.readouterr().err.strip()

@@ -328,10 +328,12 @@ def test_thick_slice_script_reads_adapt_fields_by_their_types():
     finally:
         sys.path.pop(0)
     parser = argparse.ArgumentParser()
-    fields = adapt_fields(parser, ["lr_patch=12", "learning_rate=1e-3", "fwhm=2.5", "profile=gaussian"])
-    assert fields == {"lr_patch": 12, "learning_rate": 1e-3, "fwhm": 2.5, "profile": "gaussian"}
+    fields = adapt_fields(parser, ["lr_patch=12", "learning_rate=1e-3", "fwhm=2.5", "profile=gaussian",
+                                   "isotropic=false"])
+    assert fields == {"lr_patch": 12, "learning_rate": 1e-3, "fwhm": 2.5, "profile": "gaussian", "isotropic": False}
     assert type(fields["lr_patch"]) is int and type(fields["fwhm"]) is float
-    for bad in (["nosuch=1"], ["steps"], ["steps="]):
+    assert adapt_fields(parser, ["isotropic=True"]) == {"isotropic": True}
+    for bad in (["nosuch=1"], ["steps"], ["steps="], ["isotropic=yes"]):
         with pytest.raises(SystemExit):
             adapt_fields(parser, bad)
 

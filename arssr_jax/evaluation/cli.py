@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt", action="store_true",
                    help="add a row per ArSSR model adapted to each LR before decoding it (arssr-jax upsample --adapt)")
     p.add_argument("--adapt-steps", type=int, default=None, metavar="N", help="adaptation steps (default 200)")
+    p.add_argument("--adapt-isotropic", action="store_true",
+                   help="adapt isotropic LRs too (arssr-jax upsample --adapt-isotropic; without it they keep the model)")
     p.add_argument("--figure-volume", type=int, default=0, help="index of the volume shown in the figures (0)")
     p.add_argument("--figure-scale", type=float, default=None, help="scale shown in the figures (largest)")
     p.add_argument("--no-figures", action="store_true")
@@ -133,10 +135,12 @@ def run_evaluation(args) -> list[Path]:
     consistency = schedule_from_words(args.consistency)
     models += [runners.arssr_runner(spec, normalize=not args.no_normalize, consistency=consistency)
                for spec in args.arssr]
-    if args.adapt or args.adapt_steps is not None:
+    if args.adapt or args.adapt_steps is not None or args.adapt_isotropic:
         from arssr_jax.adapt import AdaptConfig
 
-        config = AdaptConfig() if args.adapt_steps is None else AdaptConfig(steps=args.adapt_steps)
+        config = AdaptConfig(isotropic=args.adapt_isotropic)
+        if args.adapt_steps is not None:
+            config = config.replace(steps=args.adapt_steps)
         models += [runners.arssr_runner(spec, normalize=not args.no_normalize, consistency=consistency, adapt=config)
                    for spec in args.arssr]
     runners.unique_labels(models)
