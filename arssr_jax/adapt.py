@@ -387,7 +387,7 @@ class _Isotropic:
                 return _Layout(*_slab(shape, axis, val_len), axis, n)
             n -= 1
         raise ArSSRError(f"the scan ({'x'.join(map(str, shape))} voxels) is too small to adapt to at scale "
-                         f"{self.ratio:g}; adapt without it")
+                         f"{self.ratio:g}; upsample it without adapting")
 
     def pair(self, region, rng, count, scale=None, box=None):
         n = self.layout.n
